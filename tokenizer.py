@@ -1,0 +1,605 @@
+"""A byte-level BPE tokenizer, written out by hand: train, encode, decode, save, load.
+
+Text becomes UTF-8 bytes, so every string has an encoding and nothing is ever
+"unknown". The 256 possible bytes are the first 256 tokens; training then learns
+merges ("these two tokens side by side become one new token") on top of them.
+
+Token ids (fixed, the same in every albor tokenizer):
+
+    0..255   the raw bytes 0x00..0xFF              (id == byte value)
+    256      "<|endoftext|>"  EOT_ID  (train.py appends it after every document)
+    257      "<|pad|>"        PAD_ID  (fills unused positions of a batch row)
+    258...   learned merges, in the order they were learned
+
+The special tokens are never produced from ordinary text: `encode` only ever
+emits byte and merge ids, so the characters "<|endoftext|>" inside a string are
+encoded as the 13 ordinary bytes they are. Only code that appends EOT_ID on
+purpose (train.py) can put one in a sequence.
+
+Worked example (the classic one from Wikipedia's "Byte pair encoding" page)::
+
+    >>> tok = Tokenizer.train(["aaabdaaabac"], vocab_size=261, min_frequency=1)
+    >>> [tok.decode([i]) for i in range(258, tok.vocab_size)]
+    ['aa', 'ab', 'aaab']
+
+The word stays one pre-token. "aa" occurs 4 times: merged, it is Z and the word
+is "Z a b d Z a b a c". Now "Z a" and "a b" both occur twice; the tie rule in
+`train` (smaller ids first) picks "a b" = (97, 98) over "Z a" = (258, 97): Y.
+"Z Y d Z Y a c": "Z Y" occurs twice, everything else once: X = "aaab".
+That is Wikipedia's "Byte pair encoding" example, merge for merge.
+
+The saved file is a Hugging Face `tokenizers` tokenizer.json, so the same file
+loads in `tokenizers` / `transformers` and gives the same ids (see save/load).
+
+Command line (each sub-command has --help):
+
+    python tokenizer.py train --lines 100000 --vocab-size 32768 --out tokenizer.json
+    echo "print('hi')" | python tokenizer.py encode --tokenizer tokenizer.json
+    echo "[1, 2, 3]"   | python tokenizer.py decode --tokenizer tokenizer.json
+    python tokenizer.py bench
+"""
+import argparse
+import heapq
+import json
+import sys
+import sysconfig
+import time
+from collections import Counter, defaultdict
+from pathlib import Path
+
+import regex
+
+EOT_ID = 256
+PAD_ID = 257
+SPECIAL_TOKENS = {"<|endoftext|>": EOT_ID, "<|pad|>": PAD_ID}
+FIRST_MERGE_ID = 258
+
+# ----------------------------------------------------------------------------
+# Pre-tokenization: split text into chunks; merges never cross a chunk boundary.
+#
+# This is GPT-4's split pattern (tiktoken's cl100k_base). Each alternative, in
+# the order the regex tries them at every position:
+SPLIT_PATTERN = "|".join([
+    # 1. English contractions as their own chunk, in any case: "don't" -> "don" "'t",
+    #    "WE'LL" -> "WE" "'LL". Without it "'t" would glue onto the next word.
+    r"'(?i:[sdmt]|ll|ve|re)",
+    # 2. A word: a run of letters, with at most one leading character that is not a
+    #    letter, digit or newline -- usually the space before it (" return"), or
+    #    "_", "." or "(" (so "self.x" -> "self" ".x"). The newline is excluded so
+    #    a token never swallows a line break into an identifier. `?+` is possessive:
+    #    once taken, the leading character is not given back.
+    r"[^\r\n\p{L}\p{N}]?+\p{L}+",
+    # 3. Numbers in groups of at most 3 digits: "1000000" -> "100" "000" "0", so
+    #    the vocabulary does not spend entries on thousands of whole numbers.
+    r"\p{N}{1,3}",
+    # 4. A run of punctuation/symbols, optionally after one space, plus any line
+    #    breaks right after it: " = ", "):\n", "()", " #".
+    r" ?[^\s\p{L}\p{N}]++[\r\n]*",
+    # 5. Whitespace that ends in a line break: "\n", "\n\n" (blank lines),
+    #    "   \n" (trailing spaces). Line structure stays its own token.
+    r"\s*[\r\n]",
+    # 6. A whitespace run that is not followed by a non-space: it stops one space
+    #    short of the next word, so 8 spaces of indentation before "return" become
+    #    "       " (7) + " return". Indentation is kept exactly, byte for byte.
+    r"\s+(?!\S)",
+    # 7. Any whitespace left over (e.g. spaces at the very end of the text).
+    r"\s+",
+])
+SPLIT_REGEX = regex.compile(SPLIT_PATTERN)
+
+
+def split_text(text):
+    """The pre-tokens ("chunks") of `text`; joined back they give `text` exactly.
+
+    >>> split_text("    if x:\\n        return 'it's'")
+    ['   ', ' if', ' x', ':\\n', '       ', ' return', " '", 'it', "'s", "'"]
+    """
+    return SPLIT_REGEX.findall(text)
+
+
+# ----------------------------------------------------------------------------
+# Merging one pair inside a list of ids: the single primitive of BPE.
+
+def merge_pair(ids, pair, new_id):
+    """Replace every occurrence of `pair` in `ids`, scanning left to right.
+
+    >>> merge_pair([97, 97, 97, 98], (97, 97), 258)
+    [258, 97, 98]
+    """
+    first, second = pair
+    merged = []
+    i = 0
+    while i < len(ids):
+        if ids[i] == first and i + 1 < len(ids) and ids[i + 1] == second:
+            merged.append(new_id)
+            i += 2
+        else:
+            merged.append(ids[i])
+            i += 1
+    return merged
+
+
+# ----------------------------------------------------------------------------
+# The tokenizer
+
+class Tokenizer:
+    """Byte-level BPE: ids 0..255 bytes, 256/257 special, 258+ merges (see module doc).
+
+    `merges` maps a pair of ids to the id it becomes, in the order learned; a
+    merge's position in that order is its rank, and encoding applies merges by
+    rank, exactly as training learned them.
+    """
+
+    def __init__(self, merges=None):
+        self.merges = dict(merges or {})   # (left id, right id) -> merged id, in learned order
+        self.ranks = {pair: rank for rank, pair in enumerate(self.merges)}
+        # token_bytes[id] is what the token decodes to.
+        self.token_bytes = [bytes([b]) for b in range(256)]
+        self.token_bytes += [name.encode("utf-8") for name in SPECIAL_TOKENS]
+        for (left, right), new_id in self.merges.items():
+            if new_id == len(self.token_bytes):
+                self.token_bytes.append(self.token_bytes[left] + self.token_bytes[right])
+            elif new_id > len(self.token_bytes) or max(left, right) >= len(self.token_bytes):
+                raise ValueError(f"merge {(left, right)} -> {new_id} comes before the tokens it needs")
+        self.cache = {}                    # chunk -> its ids (encode's cache, per pre-token)
+
+    @property
+    def vocab_size(self):
+        """Number of token ids: 256 bytes + 2 specials + the learned tokens."""
+        return len(self.token_bytes)
+
+    # ------------------------------------------------------------------ train
+
+    @classmethod
+    def train(cls, texts, vocab_size, min_frequency=2, progress=False):
+        """Learn merges from `texts` until there are `vocab_size` tokens.
+
+        Exact BPE: repeatedly take the most frequent adjacent pair of tokens
+        (counted inside pre-tokens), make it a new token, replace it everywhere.
+
+        Made fast the way production trainers (Hugging Face `tokenizers`,
+        sentencepiece) do it, with the same result as recounting every round:
+          1. Count each distinct pre-token once, with its frequency: the 100K-line
+             corpus has 755K pre-tokens but only 28K distinct ones.
+          2. Keep `pair_counts` (pair -> frequency) and `pair_words` (pair -> the
+             words it occurs in), built once.
+          3. A merge rewrites only the words in `pair_words[best]`, and updates
+             the counts of the pairs in those words, nothing else.
+          4. The best pair comes from a max-heap of (count, pair). A count that
+             changes is pushed again rather than updated in place; a popped entry
+             whose count is stale (no longer the pair's count) is thrown away
+             ("lazy deletion").
+
+        Tie rule: among pairs with the same count, the smallest (left id, right id)
+        wins, i.e. the pair whose left token was created first (bytes count as
+        created in byte order), then the same for the right token.
+
+        Stops when `vocab_size` is reached, or early (with a message on stderr)
+        when the most frequent pair occurs fewer than `min_frequency` times or no
+        pairs are left: then the corpus cannot fill the vocabulary.
+
+        If a merge produces a byte string that is already a token (two different
+        pairs can spell the same bytes, rarely), the merge reuses that token's id,
+        as `tokenizers` does, so every token has one id and one spelling.
+        """
+        if vocab_size < FIRST_MERGE_ID:
+            raise ValueError(f"vocab_size must be at least {FIRST_MERGE_ID} (256 bytes + 2 special tokens), got {vocab_size}")
+        if min_frequency < 1:
+            raise ValueError(f"min_frequency must be at least 1, got {min_frequency}")
+
+        # 1. Distinct pre-tokens ("words") as lists of byte ids, with their counts.
+        chunk_counts = Counter()
+        for text in texts:
+            chunk_counts.update(split_text(text))
+        words = [list(chunk.encode("utf-8")) for chunk in chunk_counts]
+        freqs = list(chunk_counts.values())
+
+        # 2. Every adjacent pair: how often it occurs, and in which words.
+        pair_counts = defaultdict(int)
+        pair_words = defaultdict(set)
+        for w, word in enumerate(words):
+            for pair in zip(word, word[1:]):
+                pair_counts[pair] += freqs[w]
+                pair_words[pair].add(w)
+        heap = [(-count, pair) for pair, count in pair_counts.items()]
+        heapq.heapify(heap)
+
+        tok = cls()
+        id_of_bytes = {b: i for i, b in enumerate(tok.token_bytes)}
+        bar = None
+        if progress:
+            from tqdm import tqdm
+            bar = tqdm(total=vocab_size - tok.vocab_size, desc="merges", unit="merge")
+
+        while tok.vocab_size < vocab_size:
+            # 4. Pop stale entries until the top of the heap is current.
+            while heap and -heap[0][0] != pair_counts.get(heap[0][1], 0):
+                heapq.heappop(heap)
+            if not heap:
+                print(f"tokenizer: stopped early at {tok.vocab_size} tokens (asked for {vocab_size}): "
+                      f"no pairs left to merge", file=sys.stderr)
+                break
+            count, pair = -heap[0][0], heap[0][1]
+            if count < min_frequency:
+                print(f"tokenizer: stopped early at {tok.vocab_size} tokens (asked for {vocab_size}): "
+                      f"the most frequent pair occurs {count} times, below min_frequency={min_frequency}",
+                      file=sys.stderr)
+                break
+            heapq.heappop(heap)
+
+            new_bytes = tok.token_bytes[pair[0]] + tok.token_bytes[pair[1]]
+            new_id = id_of_bytes.get(new_bytes)
+            if new_id is None:
+                new_id = tok.vocab_size
+                tok.token_bytes.append(new_bytes)
+                id_of_bytes[new_bytes] = new_id
+                if bar is not None:
+                    bar.update(1)
+            tok.merges[pair] = new_id
+            tok.ranks[pair] = len(tok.ranks)
+
+            # 3. Rewrite the words that contain the pair; move their pair counts.
+            changed = set()
+            for w in pair_words.pop(pair):
+                word, freq = words[w], freqs[w]
+                new_word = merge_pair(word, pair, new_id)
+                old_pairs = list(zip(word, word[1:]))
+                new_pairs = list(zip(new_word, new_word[1:]))
+                for p in old_pairs:
+                    pair_counts[p] -= freq
+                for p in new_pairs:
+                    pair_counts[p] += freq
+                for p in set(old_pairs).difference(new_pairs):
+                    if p != pair:
+                        pair_words[p].discard(w)
+                for p in new_pairs:
+                    pair_words[p].add(w)
+                changed.update(old_pairs)
+                changed.update(new_pairs)
+                words[w] = new_word
+            for p in changed:
+                if pair_counts[p] > 0:
+                    heapq.heappush(heap, (-pair_counts[p], p))
+                else:
+                    del pair_counts[p]
+        if bar is not None:
+            bar.close()
+        return tok
+
+    # ------------------------------------------------------------ encode/decode
+
+    def encode_chunk(self, chunk_bytes):
+        """BPE on one pre-token: apply the earliest-learned merge present, repeat.
+
+        >>> tok = Tokenizer({(97, 97): 258, (258, 98): 259})
+        >>> tok.encode_chunk(b"aaaab")     # a a a a b -> aa aa b -> aa aab
+        [258, 259]
+        """
+        ids = list(chunk_bytes)
+        while len(ids) >= 2:
+            pairs = zip(ids, ids[1:])
+            best = min(pairs, key=lambda pair: self.ranks.get(pair, float("inf")))
+            if best not in self.ranks:
+                break                          # no learned merge applies any more
+            ids = merge_pair(ids, best, self.merges[best])
+        return ids
+
+    def encode(self, text):
+        """Text -> ids. Lossless: decode(encode(text)) == text for every str.
+
+        Special-token strings in `text` are encoded as ordinary bytes (never as
+        EOT_ID/PAD_ID). A str holding a lone surrogate (e.g. "\\ud800", which can
+        come from a bad decode with errors="surrogateescape") is not Unicode text
+        and has no UTF-8 encoding: that raises ValueError.
+        """
+        ids = []
+        for chunk in split_text(text):
+            chunk_ids = self.cache.get(chunk)
+            if chunk_ids is None:
+                try:
+                    chunk_bytes = chunk.encode("utf-8")
+                except UnicodeEncodeError as err:
+                    raise ValueError(f"cannot encode text: {err.reason} ({chunk[err.start:err.end]!r} is not valid Unicode text)") from None
+                chunk_ids = self.encode_chunk(chunk_bytes)
+                self.cache[chunk] = chunk_ids
+            ids.extend(chunk_ids)
+        return ids
+
+    def decode(self, ids):
+        """Ids -> text. Bytes that are not valid UTF-8 (e.g. a sequence that cuts
+        a multi-byte character in half) become U+FFFD "\ufffd" instead of raising.
+
+        >>> Tokenizer().decode([0xE2, 0x82])     # first 2 of the 3 bytes of "€"
+        '\ufffd'
+        """
+        parts = []
+        for i in ids:
+            i = int(i)
+            if not 0 <= i < self.vocab_size:
+                raise ValueError(f"token id {i} is out of range for a vocabulary of {self.vocab_size}")
+            parts.append(self.token_bytes[i])
+        return b"".join(parts).decode("utf-8", errors="replace")
+
+    # ---------------------------------------------------------------- save/load
+
+    def to_json(self):
+        """The tokenizer as a Hugging Face `tokenizers` tokenizer.json dict.
+
+        `tokenizers` spells byte-level tokens with GPT-2's byte-to-unicode
+        alphabet (see `bytes_to_unicode`): each byte is one printable character,
+        e.g. the space 0x20 is "Ġ", so " return" is the token "Ġreturn". The
+        pre-tokenizer is our split pattern followed by that byte-level mapping
+        (with use_regex false: the split is already done).
+        """
+        byte_char = bytes_to_unicode()
+
+        def spell(token):
+            return "".join(byte_char[b] for b in token)
+
+        vocab = {}
+        for i, token in enumerate(self.token_bytes):
+            vocab[spell(token) if i not in SPECIAL_TOKENS.values() else token.decode("utf-8")] = i
+        merges = [[spell(self.token_bytes[left]), spell(self.token_bytes[right])] for left, right in self.merges]
+        added_tokens = [{"id": i, "content": name, "single_word": False, "lstrip": False, "rstrip": False,
+                         "normalized": False, "special": True} for name, i in SPECIAL_TOKENS.items()]
+        return {
+            "version": "1.0",
+            "truncation": None,
+            "padding": None,
+            "added_tokens": added_tokens,
+            "normalizer": None,
+            "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
+                {"type": "Split", "pattern": {"Regex": SPLIT_PATTERN}, "behavior": "Isolated", "invert": False},
+                {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False},
+            ]},
+            "post_processor": None,
+            "decoder": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True},
+            "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
+                      "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False,
+                      "ignore_merges": False, "vocab": vocab, "merges": merges},
+        }
+
+    def save(self, path):
+        """Write tokenizer.json (same tokenizer -> byte-identical file)."""
+        text = json.dumps(self.to_json(), ensure_ascii=False, indent=2) + "\n"
+        Path(path).write_text(text, encoding="utf-8", newline="\n")
+
+    @classmethod
+    def load(cls, path):
+        """Read a tokenizer.json written by `save` (or by `tokenizers` from one).
+
+        Checks everything that decides the ids, so a corrupt file or one from
+        another tokenizer (GPT-2's, say: different byte ids, different split)
+        fails with a one-line ValueError instead of encoding differently.
+        """
+        try:
+            data = json.loads(Path(path).read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise ValueError(f"{path}: cannot read a tokenizer.json: {err}") from None
+        try:
+            return cls.from_json(data)
+        except ValueError as err:
+            raise ValueError(f"{path}: not an albor tokenizer.json: {err}") from None
+
+    @classmethod
+    def from_json(cls, data):
+        """Rebuild a Tokenizer from a tokenizer.json dict, validating it."""
+
+        def require(ok, what):
+            if not ok:
+                raise ValueError(what)
+
+        require(isinstance(data, dict) and isinstance(data.get("model"), dict), "no 'model' object")
+        model = data["model"]
+        require(model.get("type") == "BPE", f"model type is {model.get('type')!r}, expected 'BPE'")
+        require(data.get("normalizer") is None, "it has a normalizer (albor uses none)")
+        pre = data.get("pre_tokenizer") or {}
+        steps = pre.get("pretokenizers") if pre.get("type") == "Sequence" else None
+        require(isinstance(steps, list) and len(steps) == 2
+                and steps[0].get("type") == "Split" and steps[0].get("pattern") == {"Regex": SPLIT_PATTERN}
+                and steps[0].get("behavior") == "Isolated" and not steps[0].get("invert")
+                and steps[1].get("type") == "ByteLevel" and steps[1].get("use_regex") is False
+                and not steps[1].get("add_prefix_space"),
+                "its pre_tokenizer is not albor's split pattern + ByteLevel")
+        added = {t.get("content"): t.get("id") for t in data.get("added_tokens") or [] if isinstance(t, dict)}
+        require(added == SPECIAL_TOKENS, f"added_tokens are {added}, expected {SPECIAL_TOKENS}")
+
+        vocab, merge_list = model.get("vocab"), model.get("merges")
+        require(isinstance(vocab, dict) and isinstance(merge_list, list), "model has no vocab/merges")
+        byte_char = bytes_to_unicode()
+        for b in range(256):
+            require(vocab.get(byte_char[b]) == b, f"byte 0x{b:02x} is not token {b}")
+        for name, i in SPECIAL_TOKENS.items():
+            require(vocab.get(name) == i, f"special token {name!r} is not token {i} in the vocab")
+        require(sorted(vocab.values()) == list(range(len(vocab))), "vocab ids are not 0..N-1, each once")
+
+        merges = {}
+        for entry in merge_list:
+            # `tokenizers` >= 0.20 writes ["a", "b"]; older versions wrote "a b".
+            parts = entry.split(" ") if isinstance(entry, str) else entry
+            require(isinstance(parts, list) and len(parts) == 2 and all(isinstance(s, str) for s in parts),
+                    f"bad merge entry {entry!r}")
+            left, right = parts
+            require(left in vocab and right in vocab and left + right in vocab,
+                    f"merge {entry!r} uses or makes a token not in the vocab")
+            merges[(vocab[left], vocab[right])] = vocab[left + right]
+        tok = cls(merges)
+        require(tok.vocab_size == len(vocab),
+                f"the merges make {tok.vocab_size} tokens but the vocab lists {len(vocab)}")
+        for i in range(FIRST_MERGE_ID, tok.vocab_size):
+            spelled = "".join(byte_char[b] for b in tok.token_bytes[i])
+            require(vocab.get(spelled) == i, f"token {i} is not the merge that makes it (merges out of order?)")
+        return tok
+
+
+def bytes_to_unicode():
+    """GPT-2's byte -> printable character table used by byte-level tokenizer.json.
+
+    Printable bytes map to themselves ("a" -> "a"); the other 68 (controls, space,
+    a few Latin-1 ones) map to U+0100 onwards in byte order, so 0x00 -> "Ā",
+    0x20 (space) -> "Ġ", 0x0A (newline) -> "Ċ". Returns a list of 256 characters.
+    """
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(0xA1, 0xAD)) + list(range(0xAE, 0x100))
+    table = [""] * 256
+    next_code = 256
+    for b in range(256):
+        if b in printable:
+            table[b] = chr(b)
+        else:
+            table[b] = chr(next_code)
+            next_code += 1
+    return table
+
+
+# ----------------------------------------------------------------------------
+# The default corpus: the Python standard library of the running interpreter.
+
+def stdlib_python_files():
+    """Sorted paths of the running interpreter's standard library .py files
+    (site-packages excluded: installed packages are not the stdlib)."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    return sorted(path for path in root.rglob("*.py")
+                  if "site-packages" not in path.parts and "dist-packages" not in path.parts)
+
+
+def stdlib_texts(max_lines=None):
+    """Yield the stdlib source one file at a time (as str), stopping after
+    `max_lines` lines in total (all of it if None); the last file may be cut.
+
+    Files are read as UTF-8 with undecodable bytes (4 test files use other
+    encodings on purpose) replaced by U+FFFD; line endings are kept as they are.
+    """
+    lines_left = max_lines
+    for path in stdlib_python_files():
+        if lines_left is not None and lines_left <= 0:
+            return
+        text = path.read_bytes().decode("utf-8", errors="replace")
+        if lines_left is not None:
+            lines = text.splitlines(keepends=True)[:lines_left]
+            lines_left -= len(lines)
+            text = "".join(lines)
+        yield text
+
+
+# ----------------------------------------------------------------------------
+# Command line
+
+def train_hf_tokenizers(texts, vocab_size, min_frequency=2):
+    """Train the same tokenizer with Hugging Face `tokenizers` (for bench/tests)."""
+    from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
+    from tokenizers import Tokenizer as HFTokenizer
+    hf = HFTokenizer(models.BPE(ignore_merges=False))
+    hf.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(SPLIT_PATTERN), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+    hf.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency, show_progress=False,
+                                  special_tokens=list(SPECIAL_TOKENS),
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    hf.train_from_iterator(texts, trainer)
+    return hf
+
+
+def command_train(args):
+    texts = list(stdlib_texts(args.lines))
+    megabytes = sum(len(t.encode("utf-8")) for t in texts) / 1e6
+    print(f"corpus: {len(texts)} stdlib files, {args.lines} lines, {megabytes:.1f} MB", file=sys.stderr)
+    start = time.perf_counter()
+    tok = Tokenizer.train(texts, args.vocab_size, min_frequency=args.min_frequency, progress=True)
+    seconds = time.perf_counter() - start
+    tok.save(args.out)
+    print(f"trained {tok.vocab_size} tokens in {seconds:.1f} s -> {args.out}", file=sys.stderr)
+
+
+def command_encode(args):
+    tok = Tokenizer.load(args.tokenizer)
+    try:
+        text = sys.stdin.buffer.read().decode("utf-8")   # bytes, so "\r\n" is kept as is
+    except UnicodeDecodeError as err:
+        raise ValueError(f"stdin is not UTF-8 text: {err}") from None
+    print(json.dumps(tok.encode(text)))
+
+
+def command_decode(args):
+    tok = Tokenizer.load(args.tokenizer)
+    try:
+        ids = json.loads(sys.stdin.buffer.read())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"stdin is not a JSON list of token ids: {err}") from None
+    if not isinstance(ids, list) or not all(type(i) is int for i in ids):
+        raise ValueError("stdin is not a JSON list of token ids (integers)")
+    sys.stdout.buffer.write(tok.decode(ids).encode("utf-8"))
+    sys.stdout.flush()
+
+
+def command_bench(args):
+    texts = list(stdlib_texts(args.lines))
+    megabytes = sum(len(t.encode("utf-8")) for t in texts) / 1e6
+    print(f"corpus: first {args.lines} lines of the stdlib ({len(texts)} files, {megabytes:.2f} MB), "
+          f"vocab_size {args.vocab_size}")
+
+    start = time.perf_counter()
+    tok = Tokenizer.train(texts, args.vocab_size)
+    ours_train = time.perf_counter() - start
+    start = time.perf_counter()
+    for text in texts:
+        tok.encode(text)
+    ours_cold = megabytes / (time.perf_counter() - start)
+    start = time.perf_counter()
+    for text in texts:
+        tok.encode(text)
+    ours_warm = megabytes / (time.perf_counter() - start)
+    print(f"albor      train {ours_train:6.2f} s ({tok.vocab_size} tokens)   "
+          f"encode {ours_cold:5.2f} MB/s cold, {ours_warm:5.2f} MB/s warm")
+
+    try:
+        import tokenizers  # noqa: F401
+    except ImportError:
+        print("(Hugging Face tokenizers is not installed: no comparison)")
+        return
+    start = time.perf_counter()
+    hf = train_hf_tokenizers(texts, args.vocab_size)
+    hf_train = time.perf_counter() - start
+    start = time.perf_counter()
+    for text in texts:
+        hf.encode(text)
+    hf_encode = megabytes / (time.perf_counter() - start)
+    print(f"tokenizers train {hf_train:6.2f} s ({hf.get_vocab_size()} tokens)   encode {hf_encode:5.2f} MB/s")
+    print(f"albor / tokenizers: train time x{ours_train / hf_train:.1f}, "
+          f"warm encode speed x{ours_warm / hf_encode:.2f}")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="albor's byte-level BPE tokenizer.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train on the stdlib source and save tokenizer.json")
+    p.add_argument("--lines", type=int, default=100_000, help="use the first N lines of the stdlib (default 100000)")
+    p.add_argument("--vocab-size", type=int, default=32768, help="tokens wanted, including 258 bytes+specials")
+    p.add_argument("--min-frequency", type=int, default=2, help="stop when the best pair is rarer than this")
+    p.add_argument("--out", default="tokenizer.json", help="where to write (default tokenizer.json)")
+    p.set_defaults(run=command_train)
+
+    p = sub.add_parser("encode", help="text on stdin -> JSON list of ids on stdout")
+    p.add_argument("--tokenizer", required=True, help="a tokenizer.json")
+    p.set_defaults(run=command_encode)
+
+    p = sub.add_parser("decode", help="JSON list of ids on stdin -> text on stdout")
+    p.add_argument("--tokenizer", required=True, help="a tokenizer.json")
+    p.set_defaults(run=command_decode)
+
+    p = sub.add_parser("bench", help="time training and encoding (vs Hugging Face tokenizers if installed)")
+    p.add_argument("--lines", type=int, default=100_000, help="corpus: the first N stdlib lines (default 100000)")
+    p.add_argument("--vocab-size", type=int, default=32768, help="tokens to train (default 32768)")
+    p.set_defaults(run=command_bench)
+
+    args = parser.parse_args(argv)
+    try:
+        args.run(args)
+    except ValueError as err:
+        parser.exit(2, f"{parser.prog}: error: {err}\n")
+
+
+if __name__ == "__main__":
+    main()
