@@ -1,0 +1,533 @@
+"""Benchmark albor's training step on this machine, and compare it with PyTorch.
+
+    python bench.py                                   # albor-base-50m, micro-batch 4 x 128
+    python bench.py --config tiny --repeats 1         # a quick smoke run
+
+What it measures, in order:
+1. The machine's float32 GEMM rate, with albor's own array library (NumPy on a CPU,
+   CuPy on a GPU), on exactly the matrix products one training step of the model
+   does (the same shapes and the same transposed views of the (out, in) weights).
+   This rate is what MFU is measured against, so MFU says how close albor gets to
+   "nothing but matmuls at this machine's speed".
+2. albor's forward, backward and optimizer step on one micro-batch of random
+   tokens: several repeats after a warmup step, medians reported.
+3. If PyTorch is importable: an equivalent eager PyTorch LLaMA (same shapes, tied
+   embeddings, RMSNorm, rotate-half RoPE, GQA through SDPA, SwiGLU) loaded with
+   albor's parameters. Its loss must match albor's; then albor and PyTorch steps
+   run ALTERNATING in the same loop (the machines are shared and noisy, so both
+   see the same noise) and the ratio albor/PyTorch is reported.
+4. Where albor's time goes by layer kind: a second pass in which each of albor's
+   module-level layer functions (attention_forward, rmsnorm_backward, ...) is
+   temporarily replaced by a timed wrapper. Whatever forward+backward time is not
+   inside a wrapped layer function is the matmuls (plus residual adds and reshapes).
+
+The BLAS thread count is whatever NumPy's BLAS uses (OpenBLAS: one thread per
+CPU unless OPENBLAS_NUM_THREADS is set before Python starts); it is printed.
+"""
+import argparse
+import functools
+import os
+import statistics
+import threading
+import time
+
+import numpy as np
+
+import albor
+
+WARMUP_STEPS = 1       # the first step allocates buffers and warms caches; not timed
+GEMM_REPEATS = 5       # each GEMM shape is timed this many times (best kept), after one warmup
+PAUSE_S = 0.2          # pause between albor and PyTorch so each one's idle BLAS/OpenMP
+                       # threads (they spin-wait a while after work) stop competing for the CPUs
+LOSS_TOLERANCE = 1e-4  # albor's and PyTorch's losses must agree this closely (relative)
+
+# albor's layer functions (X_forward / X_backward) grouped into the kinds reported.
+LAYER_KINDS = {
+    "attention": "attention",
+    "cross_entropy": "cross-entropy",
+    "embedding": "norms/elementwise",
+    "rmsnorm": "norms/elementwise",
+    "rope": "norms/elementwise",
+    "swiglu": "norms/elementwise",
+}
+KIND_ORDER = ["matmuls", "attention", "norms/elementwise", "cross-entropy", "optimizer"]
+
+
+# ----------------------------------------------------------------------------
+# clocks
+
+def synchronize():
+    """Wait for queued GPU work (CuPy runs asynchronously); a no-op on NumPy."""
+    if albor.BACKEND == "cupy":
+        albor.xp.cuda.get_current_stream().synchronize()
+
+
+def median_ms(seconds):
+    """Median of a list of durations in seconds, in milliseconds."""
+    return 1000.0 * statistics.median(seconds)
+
+
+# ----------------------------------------------------------------------------
+# 1. the machine's GEMM rate on the model's matrix products
+
+def model_gemms(config, tokens):
+    """The matrix products of one training step, as (label, M, K, N, count) for C = A @ B
+    with A (M, K) and B (K, N).
+
+    Every linear layer y = x @ W.T with W stored (out, in) does three products:
+        forward   y  = x  @ W.T    (tokens, in)  @ (in, out)
+        d-input   dx = dy @ W      (tokens, out) @ (out, in)
+        d-weight  dW = dy.T @ x    (out, tokens) @ (tokens, in)
+    Example, albor-base-50m with 512 tokens: the LM head (tied to the embedding,
+    W is (32768, 512)) forward is (512, 512) @ (512, 32768): 17.2 GFLOP.
+    """
+    layers = config.num_hidden_layers
+    kv_width = config.num_key_value_heads * config.head_dim
+    C, F = config.hidden_size, config.intermediate_size
+    linears = [  # (name, in, out, how many per step)
+        ("q_proj, o_proj", C, C, 2 * layers),
+        ("k_proj, v_proj", C, kv_width, 2 * layers),
+        ("gate_proj, up_proj", C, F, 2 * layers),
+        ("down_proj", F, C, layers),
+        ("lm_head (tied)", C, config.vocab_size, 1),
+    ]
+    gemms = []
+    for name, d_in, d_out, count in linears:
+        gemms.append((f"{name} forward", tokens, d_in, d_out, count))
+        gemms.append((f"{name} d-input", tokens, d_out, d_in, count))
+        gemms.append((f"{name} d-weight", d_out, tokens, d_in, count))
+    return gemms
+
+
+def gemm_operands(xp, label, M, K, N, rng):
+    """A, B for one product, laid out the way the model holds them: B of a forward is
+    the transposed view W.T of an (out, in) weight, A of a d-weight is the view dy.T."""
+    def randn(*shape):
+        return xp.asarray(rng.standard_normal(shape, dtype=np.float32))
+    if label.endswith("forward"):
+        return randn(M, K), randn(N, K).T      # x, W.T
+    if label.endswith("d-input"):
+        return randn(M, K), randn(K, N)        # dy, W
+    return randn(K, M).T, randn(K, N)          # dy.T, x
+
+
+def time_gemm(xp, a, b, out):
+    """Best seconds of out = a @ b over GEMM_REPEATS runs after one warmup: the best run
+    is what the machine can do (a busy neighbour only ever slows a run down), which makes
+    MFU against it a conservative figure."""
+    xp.matmul(a, b, out=out)
+    synchronize()
+    seconds = []
+    for _ in range(GEMM_REPEATS):
+        start = time.perf_counter()
+        xp.matmul(a, b, out=out)
+        synchronize()
+        seconds.append(time.perf_counter() - start)
+    return min(seconds)
+
+
+def measure_gemm_rate(config, tokens):
+    """Time every distinct product of one training step; print a table; return
+    (GFLOP per step in matmuls, seconds per step those matmuls take at the measured
+    rates). Their ratio is the rate MFU is measured against."""
+    xp = albor.xp
+    rng = np.random.default_rng(0)
+    print(f"GEMM rate: float32 {albor.BACKEND} matmul on this model's products "
+          f"(best of {GEMM_REPEATS}, after 1 warmup)")
+    print(f"  {'product':<30} {'shape (M,K) @ (K,N)':>26} {'x/step':>7} {'ms':>8} {'GFLOP/s':>8}")
+    total_flop, total_seconds = 0.0, 0.0
+    for label, M, K, N, count in model_gemms(config, tokens):
+        a, b = gemm_operands(xp, label, M, K, N, rng)
+        out = xp.empty((M, N), dtype=xp.float32)
+        seconds = time_gemm(xp, a, b, out)
+        flop = 2.0 * M * K * N
+        shape = f"({M},{K}) @ ({K},{N})"
+        print(f"  {label:<30} {shape:>26} {count:>7} {1000 * seconds:>8.2f} {flop / seconds / 1e9:>8.1f}")
+        total_flop += count * flop
+        total_seconds += count * seconds
+        del a, b, out
+    print(f"  the model's GEMM mix: {total_flop / 1e9:.3g} GFLOP per step in "
+          f"{1000 * total_seconds:.3g} ms = {total_flop / total_seconds / 1e9:.1f} GFLOP/s "
+          f"(MFU below is measured against this rate)")
+    return total_flop, total_seconds
+
+
+def training_flop(config, batch_size, seq_len):
+    """FLOPs of one training step (forward + backward) on batch_size x seq_len tokens:
+        6 * params * tokens                    (every weight: 2 forward + 4 backward per token)
+      + 12 * layers * heads * head_dim * T * tokens   (scores and weighted sum, forward
+                                                       and backward, not halved for causality)
+    Example, albor-base-50m, 4 x 128: 6 * 62,403,072 * 512 + 12 * 12 * 8 * 64 * 128 * 512
+    = 191.7 + 4.8 GFLOP."""
+    tokens = batch_size * seq_len
+    dense = 6 * albor.param_count(config) * tokens
+    attention = 12 * config.num_hidden_layers * config.num_attention_heads * config.head_dim * seq_len * tokens
+    return dense + attention
+
+
+# ----------------------------------------------------------------------------
+# 2. albor's training step
+
+def make_albor_optimizer(params):
+    """albor's AdamW as step(grads), with its hyperparameters as a dict; (None, None)
+    while albor.py has no optimizer yet."""
+    return None, None
+
+
+def albor_step(params, config, idx, targets, optimizer_step):
+    """One forward + backward + optimizer step; returns seconds per phase."""
+    start = time.perf_counter()
+    loss, cache = albor.forward(params, config, idx, targets)
+    synchronize()
+    forward_done = time.perf_counter()
+    grads = albor.backward(params, config, cache)
+    synchronize()
+    del cache
+    backward_done = time.perf_counter()
+    if optimizer_step is not None:
+        optimizer_step(grads)
+        synchronize()
+    optimizer_done = time.perf_counter()
+    return {"forward": forward_done - start,
+            "backward": backward_done - forward_done,
+            "optimizer": optimizer_done - backward_done,
+            "step": optimizer_done - start}
+
+
+# ----------------------------------------------------------------------------
+# 3. the equivalent PyTorch model (only if torch is importable)
+
+def import_torch():
+    """torch, or None if it is not installed (PyTorch is never required)."""
+    try:
+        import torch
+    except ImportError:
+        return None
+    return torch
+
+
+def torch_device(torch):
+    """The device matching albor's backend, or None if PyTorch cannot use it."""
+    if albor.BACKEND == "cupy":
+        return "cuda" if torch.cuda.is_available() else None
+    return "cpu"
+
+
+def torch_rmsnorm(torch, x, weight, eps):
+    """x / sqrt(mean(x^2) + eps) * weight over the last axis."""
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight
+
+
+def torch_rope_tables(torch, config, seq_len, device):
+    """cos, sin (T, D) for rotate-half RoPE, as HF LLaMA builds them."""
+    D = config.head_dim
+    inv_freq = config.rope_theta ** (-torch.arange(0, D, 2, dtype=torch.float32, device=device) / D)
+    angles = torch.outer(torch.arange(seq_len, dtype=torch.float32, device=device), inv_freq)  # (T, D/2)
+    angles = torch.cat([angles, angles], dim=-1)                                             # (T, D)
+    return angles.cos(), angles.sin()
+
+
+def torch_rope(torch, x, cos, sin):
+    """x * cos + rotate_half(x) * sin; rotate_half([a, b]) = [-b, a] over the last axis."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos + rotated * sin
+
+
+def torch_loss(torch, weights, config, idx, targets):
+    """Mean cross-entropy of the LLaMA in `weights` (HF names), written with plain
+    torch ops and SDPA attention the way an eager PyTorch user would."""
+    F = torch.nn.functional
+    B, T = idx.shape
+    H, KVH, D, C = config.num_attention_heads, config.num_key_value_heads, config.head_dim, config.hidden_size
+    eps = config.rms_norm_eps
+    cos, sin = torch_rope_tables(torch, config, T, idx.device)
+    x = F.embedding(idx, weights["model.embed_tokens.weight"])                    # (B, T, C)
+    for i in range(config.num_hidden_layers):
+        w = lambda name: weights[f"model.layers.{i}.{name}.weight"]  # noqa: E731
+        h = torch_rmsnorm(torch, x, w("input_layernorm"), eps)
+        q = F.linear(h, w("self_attn.q_proj")).view(B, T, H, D).transpose(1, 2)    # (B, H, T, D)
+        k = F.linear(h, w("self_attn.k_proj")).view(B, T, KVH, D).transpose(1, 2)  # (B, KVH, T, D)
+        v = F.linear(h, w("self_attn.v_proj")).view(B, T, KVH, D).transpose(1, 2)  # (B, KVH, T, D)
+        q, k = torch_rope(torch, q, cos, sin), torch_rope(torch, k, cos, sin)
+        a = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)  # (B, H, T, D)
+        x = x + F.linear(a.transpose(1, 2).reshape(B, T, C), w("self_attn.o_proj"))
+        h = torch_rmsnorm(torch, x, w("post_attention_layernorm"), eps)
+        x = x + F.linear(F.silu(F.linear(h, w("mlp.gate_proj"))) * F.linear(h, w("mlp.up_proj")),
+                         w("mlp.down_proj"))
+    x = torch_rmsnorm(torch, x, weights["model.norm.weight"], eps)
+    logits = F.linear(x, weights["model.embed_tokens.weight"])                   # (B, T, V), tied head
+    return F.cross_entropy(logits.view(B * T, -1), targets.view(B * T), ignore_index=albor.IGNORE_INDEX)
+
+
+def torch_step(torch, weights, optimizer, config, idx, targets):
+    """One forward + backward + AdamW step (or no optimizer); returns seconds per phase."""
+    sync = torch.cuda.synchronize if idx.is_cuda else (lambda: None)
+    start = time.perf_counter()
+    loss = torch_loss(torch, weights, config, idx, targets)
+    sync()
+    forward_done = time.perf_counter()
+    loss.backward()
+    sync()
+    backward_done = time.perf_counter()
+    if optimizer is not None:
+        optimizer.step()
+    for weight in weights.values():
+        weight.grad = None
+    sync()
+    optimizer_done = time.perf_counter()
+    return {"forward": forward_done - start,
+            "backward": backward_done - forward_done,
+            "optimizer": optimizer_done - backward_done,
+            "step": optimizer_done - start}
+
+
+# ----------------------------------------------------------------------------
+# 4. where albor's time goes: timed wrappers around its layer functions
+
+class LayerTimer:
+    """While active, albor's layer functions X_forward / X_backward for the layers X in
+    LAYER_KINDS are replaced by wrappers that add their durations to self.seconds[X].
+    This works because albor's forward and backward call their layers through module
+    globals, which are looked up at call time. Everything else (block_forward's matmuls,
+    residual adds, reshapes) is left unwrapped: it is what remains of the step's time.
+    A layer function called from inside another timed one counts for the outer one."""
+
+    def __init__(self):
+        self.originals = {f"{layer}_{direction}": getattr(albor, f"{layer}_{direction}")
+                          for layer in LAYER_KINDS for direction in ("forward", "backward")
+                          if hasattr(albor, f"{layer}_{direction}")}
+        self.seconds = {}
+        self.threads = set()
+        self.inside = threading.local()
+        self.lock = threading.Lock()
+
+    def wrap(self, name, fn):
+        layer = name.rsplit("_", 1)[0]
+
+        @functools.wraps(fn)
+        def timed(*args, **kwargs):
+            if getattr(self.inside, "active", False):
+                return fn(*args, **kwargs)
+            self.inside.active = True
+            synchronize()
+            start = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                synchronize()
+                elapsed = time.perf_counter() - start
+                self.inside.active = False
+                with self.lock:
+                    self.seconds[layer] = self.seconds.get(layer, 0.0) + elapsed
+                    self.threads.add(threading.get_ident())
+        return timed
+
+    def __enter__(self):
+        for name, fn in self.originals.items():
+            setattr(albor, name, self.wrap(name, fn))
+        return self
+
+    def __exit__(self, *exc):
+        for name, fn in self.originals.items():
+            setattr(albor, name, fn)
+
+    def take(self):
+        """Seconds per layer since the last take(), and reset."""
+        seconds, self.seconds = self.seconds, {}
+        return seconds
+
+
+def layer_breakdown(params, config, idx, targets, optimizer_step, repeats):
+    """Run `repeats` timed steps with LayerTimer active; return (median ms per kind,
+    median step ms, the layers called (X of X_forward), number of threads they ran in),
+    or None if no layer function was called through albor's module globals."""
+    per_kind = {kind: [] for kind in KIND_ORDER}
+    steps = []
+    called = set()
+    with LayerTimer() as timer:
+        albor_step(params, config, idx, targets, optimizer_step)  # warmup
+        timer.take()
+        for _ in range(repeats):
+            phases = albor_step(params, config, idx, targets, optimizer_step)
+            seconds = timer.take()
+            if not seconds:
+                return None
+            called.update(seconds)
+            kinds = {kind: 0.0 for kind in KIND_ORDER}
+            for layer, spent in seconds.items():
+                kinds[LAYER_KINDS[layer]] += spent
+            kinds["optimizer"] = phases["optimizer"]
+            layers_total = sum(spent for kind, spent in kinds.items() if kind != "optimizer")
+            kinds["matmuls"] = phases["forward"] + phases["backward"] - layers_total
+            for kind, spent in kinds.items():
+                per_kind[kind].append(spent)
+            steps.append(phases["step"])
+        threads = len(timer.threads)
+    medians = {kind: median_ms(spent) for kind, spent in per_kind.items()}
+    return medians, median_ms(steps), called, threads
+
+
+def print_breakdown(result, gemm_seconds, has_optimizer):
+    """The per-kind table of layer_breakdown's result."""
+    print("Where albor's time goes (a second pass: each albor.X_forward / X_backward timed "
+          "by a wrapper; median ms per step):")
+    if result is None:
+        print("  not available: albor's forward/backward do not call their layer functions "
+              "through module globals, so they cannot be wrapped")
+        return
+    medians, step_ms, called, threads = result
+    notes = {
+        "matmuls": "the rest of forward+backward: GEMMs, residual adds, reshapes",
+        "optimizer": "" if has_optimizer else "not timed: albor.py has no optimizer yet",
+    }
+    for kind in medians:
+        if kind not in notes:
+            layers = sorted(layer for layer in called if LAYER_KINDS[layer] == kind)
+            notes[kind] = ", ".join(f"{layer}_*" for layer in layers)
+    for kind, ms in medians.items():
+        print(f"  {kind:<20} {ms:>9.1f} ms {100 * ms / step_ms:>6.1f}%   {notes[kind]}")
+    print(f"  {'step':<20} {step_ms:>9.1f} ms")
+    print(f"  the matmuls at the measured GEMM rates alone would take {1000 * gemm_seconds:.1f} ms")
+    if threads > 1:
+        print(f"  note: albor ran its layers in {threads} threads; layer times are summed over "
+              f"threads, so 'matmuls' (the remainder of wall time) is understated")
+
+
+# ----------------------------------------------------------------------------
+# report
+
+def blas_description():
+    """One line per BLAS/OpenMP library NumPy (and anything else loaded) uses."""
+    if albor.BACKEND == "cupy":
+        return ["cuBLAS (CuPy) on " + albor.xp.cuda.runtime.getDeviceProperties(0)["name"].decode()]
+    try:
+        from threadpoolctl import threadpool_info
+    except ImportError:
+        blas = np.show_config(mode="dicts")["Build Dependencies"]["blas"]
+        threads = os.environ.get("OPENBLAS_NUM_THREADS") or os.environ.get("OMP_NUM_THREADS")
+        threads = f"{threads} (from the environment)" if threads else f"default, one per CPU ({os.cpu_count()})"
+        return [f"numpy's BLAS: {blas['name']} {blas['version']}, threads: {threads} "
+                f"(threadpoolctl not installed, so the live count is not read)"]
+    return [f"{info['internal_api']} {info.get('version')}: {info['num_threads']} threads ({info['filepath']})"
+            for info in threadpool_info()]
+
+
+def print_step_table(albor_times, torch_times, tokens, step_flop, gemm_rate, has_optimizer):
+    """Medians of each phase for albor (and PyTorch), tokens/s, MFU, and the ratio."""
+    columns = [("albor", albor_times)] + ([("PyTorch", torch_times)] if torch_times else [])
+    header = "".join(f"{name:>14}" for name, _ in columns) + (f"{'albor/PyTorch':>15}" if torch_times else "")
+    print(f"  {'':<22}{header}")
+    phases = ["forward", "backward", "optimizer", "step"] if has_optimizer else ["forward", "backward", "step"]
+    for phase in phases:
+        cells = [median_ms(times[phase]) for _, times in columns]
+        row = "".join(f"{ms:>11.1f} ms" for ms in cells)
+        if torch_times and cells[1] > 0:
+            row += f"{cells[0] / cells[1]:>15.2f}"
+        print(f"  {phase:<22}{row}")
+    steps = [statistics.median(times["step"]) for _, times in columns]
+    print(f"  {'tokens/s':<22}" + "".join(f"{tokens / s:>14.0f}" for s in steps))
+    print(f"  {'MFU':<22}" + "".join(f"{100 * step_flop / s / gemm_rate:>13.1f}%" for s in steps))
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(
+        description="Time albor's training step (forward, backward, optimizer) against this "
+                    "machine's own GEMM rate, and against PyTorch if it is installed.")
+    parser.add_argument("--config", default="albor-base-50m", choices=list(albor.PRESETS),
+                        help="model preset (default albor-base-50m)")
+    parser.add_argument("--batch-size", type=int, default=4, help="sequences per micro-batch (default 4)")
+    parser.add_argument("--seq-len", type=int, default=128, help="tokens per sequence (default 128)")
+    parser.add_argument("--repeats", type=int, default=7,
+                        help="timed steps after the warmup step; medians are reported (default 7)")
+    args = parser.parse_args(argv)
+    config = albor.get_config(args.config)
+    if args.batch_size < 1 or args.seq_len < 1 or args.repeats < 1:
+        parser.error("--batch-size, --seq-len and --repeats must be at least 1")
+    if args.seq_len > config.max_position_embeddings:
+        parser.error(f"--seq-len {args.seq_len} is longer than {args.config}'s "
+                     f"max_position_embeddings {config.max_position_embeddings}")
+    return args, config
+
+
+def main(argv=None):
+    args, config = parse_args(argv)
+    B, T = args.batch_size, args.seq_len
+    tokens = B * T
+    torch = import_torch()
+    device = torch_device(torch) if torch is not None else None
+
+    print(f"albor bench: {args.config} ({albor.param_count(config):,} parameters), "
+          f"micro-batch {B} x {T} = {tokens} tokens, backend {albor.BACKEND}, {os.cpu_count()} CPUs")
+    for line in blas_description():
+        print(f"  {line}")
+    print()
+
+    gemm_flop, gemm_seconds = measure_gemm_rate(config, tokens)
+    gemm_rate = gemm_flop / gemm_seconds
+    step_flop = training_flop(config, B, T)
+    print("Training FLOPs per step = 6 * params * tokens + 12 * layers * heads * head_dim * T * tokens")
+    print(f"  = {step_flop / 1e9:.3g} GFLOP; GEMM-bound floor at the measured rate: "
+          f"{1000 * step_flop / gemm_rate:.1f} ms per step")
+    print()
+
+    rng = np.random.default_rng(0)
+    idx_host = rng.integers(0, config.vocab_size, size=(B, T), dtype=np.int64)
+    targets_host = rng.integers(0, config.vocab_size, size=(B, T), dtype=np.int64)
+    idx, targets = albor.xp.asarray(idx_host), albor.xp.asarray(targets_host)
+    params = albor.init_params(config, seed=0)
+    optimizer_step, hyper = make_albor_optimizer(params)
+    has_optimizer = optimizer_step is not None
+
+    torch_weights = torch_optimizer = None
+    if torch is None:
+        print("PyTorch: not installed, so only albor is timed (PyTorch is never required)")
+    elif device is None:
+        print("PyTorch: installed but cannot use the GPU albor runs on, so only albor is timed")
+    else:
+        if device == "cpu":
+            torch.set_num_threads(os.cpu_count())  # as many threads as OpenBLAS uses by default
+        torch_weights = {name: torch.tensor(albor.to_numpy(p), device=device).requires_grad_()
+                         for name, p in params.items()}
+        idx_torch = torch.tensor(idx_host, device=device)
+        targets_torch = torch.tensor(targets_host, device=device)
+        albor_loss, _ = albor.forward(params, config, idx, targets)
+        reference = torch_loss(torch, torch_weights, config, idx_torch, targets_torch).item()
+        difference = abs(albor_loss - reference)
+        print(f"PyTorch {torch.__version__} on {device} ({torch.get_num_threads()} threads): "
+              f"loss {reference:.6f}, albor {albor_loss:.6f}, |difference| {difference:.2e}")
+        if difference > LOSS_TOLERANCE * max(1.0, abs(reference)):
+            raise SystemExit(f"error: albor's loss {albor_loss:.6f} does not match PyTorch's "
+                             f"{reference:.6f}; the timings would not compare the same model")
+        if has_optimizer:
+            torch_optimizer = torch.optim.AdamW(list(torch_weights.values()), **hyper)
+    print()
+
+    albor_times = {phase: [] for phase in ["forward", "backward", "optimizer", "step"]}
+    torch_times = {phase: [] for phase in albor_times} if torch_weights is not None else None
+    order = "alternating albor and PyTorch" if torch_times else "albor only"
+    print(f"Training step: median of {args.repeats} after {WARMUP_STEPS} warmup, {order}")
+    for repeat in range(WARMUP_STEPS + args.repeats):
+        phases = albor_step(params, config, idx, targets, optimizer_step)
+        if repeat >= WARMUP_STEPS:
+            for phase, seconds in phases.items():
+                albor_times[phase].append(seconds)
+        if torch_times is not None:
+            time.sleep(PAUSE_S)
+            phases = torch_step(torch, torch_weights, torch_optimizer, config, idx_torch, targets_torch)
+            if repeat >= WARMUP_STEPS:
+                for phase, seconds in phases.items():
+                    torch_times[phase].append(seconds)
+            time.sleep(PAUSE_S)
+    print_step_table(albor_times, torch_times, tokens, step_flop, gemm_rate, has_optimizer)
+    if not has_optimizer:
+        print("  optimizer: not timed yet (albor.py has no AdamW); step = forward + backward")
+    print()
+
+    result = layer_breakdown(params, config, idx, targets, optimizer_step, args.repeats)
+    print_breakdown(result, gemm_seconds, has_optimizer)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

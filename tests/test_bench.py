@@ -1,0 +1,69 @@
+"""bench.py runs end to end on the tiny config and prints every figure it promises.
+
+Timings are never asserted (the machines are shared and noisy); only that each figure
+is printed, is a positive number, and reflects the settings given.
+"""
+import re
+import sys
+
+import pytest
+
+import bench
+
+
+def number_after(label, out):
+    """The first number printed after `label` on its line."""
+    match = re.search(re.escape(label) + r"[^\n]*?(\d+(?:\.\d+)?(?:e[-+]\d+)?)", out)
+    assert match, f"{label!r} not in the output:\n{out}"
+    return float(match.group(1))
+
+
+def run_bench(argv, capsys):
+    assert bench.main(argv) == 0
+    return capsys.readouterr().out
+
+
+def check_albor_figures(out, batch_size, seq_len, repeats):
+    tokens = batch_size * seq_len
+    assert f"micro-batch {batch_size} x {seq_len} = {tokens} tokens" in out
+    assert "BLAS" in out or "blas" in out
+    # the GEMM table uses the micro-batch's token count as the rows of the forward products
+    assert re.search(rf"q_proj, o_proj forward +\({tokens},64\) @ \(64,64\)", out)
+    assert number_after("GEMM mix:", out) > 0
+    assert re.search(r"= \d+\.\d+ GFLOP/s", out)
+    assert "6 * params * tokens" in out
+    assert f"median of {repeats} after" in out
+    for label in ["forward", "backward", "step", "tokens/s", "MFU"]:
+        assert number_after(f"\n  {label} ", out) > 0
+    for kind in ["matmuls", "attention", "norms/elementwise", "cross-entropy", "optimizer"]:
+        assert re.search(rf"\n  {re.escape(kind)} +\d+\.\d ms +-?\d+\.\d%", out), kind
+
+
+def test_bench_tiny_with_pytorch(capsys):
+    import torch  # noqa: F401  (a dev requirement: the test fails loudly if it is missing)
+    out = run_bench(["--config", "tiny", "--repeats", "1", "--batch-size", "2", "--seq-len", "16"], capsys)
+    check_albor_figures(out, batch_size=2, seq_len=16, repeats=1)
+    difference = number_after("|difference|", out)
+    assert difference <= 1e-4
+    assert "alternating albor and PyTorch" in out
+    ratio = re.search(r"\n  step +\d+\.\d ms +\d+\.\d ms +(\d+\.\d+)\n", out)
+    assert ratio and float(ratio.group(1)) > 0
+
+
+def test_bench_tiny_without_pytorch(capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "torch", None)  # `import torch` now raises ImportError
+    out = run_bench(["--config", "tiny", "--repeats", "2"], capsys)
+    check_albor_figures(out, batch_size=4, seq_len=128, repeats=2)
+    assert "PyTorch: not installed" in out
+    assert "albor/PyTorch" not in out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--seq-len", "257", "--config", "tiny"], "longer than tiny's max_position_embeddings 256"),
+    (["--batch-size", "0"], "must be at least 1"),
+    (["--config", "nope"], "invalid choice"),
+])
+def test_bench_rejects_bad_settings(argv, message, capsys):
+    with pytest.raises(SystemExit):
+        bench.main(argv)
+    assert message in capsys.readouterr().err
