@@ -1,0 +1,606 @@
+"""albor: a LLaMA-style language model with its forward and backward passes written by hand.
+
+One file, read top to bottom in the order the data flows:
+
+    idx (B, T) token ids
+      -> embedding                        x (B*T, C)
+      -> num_hidden_layers x block:
+           x = x + o_proj(attention(rope(q_proj(rmsnorm(x))), rope(k_proj(..)), v_proj(..)))
+           x = x + down_proj(silu(gate_proj(rmsnorm(x))) * up_proj(rmsnorm(x)))
+      -> final rmsnorm
+      -> LM head (the embedding matrix again, "tied")   logits (B*T, V)
+      -> softmax cross-entropy against targets          loss
+
+Every layer is a pair X_forward / X_backward side by side (the style of llm.c's train_gpt2.c).
+A forward returns what its backward needs; the backward quotes the forward line it
+differentiates. There is no autograd: `backward` runs the layers in reverse by hand.
+
+Arrays live in `xp`: NumPy on the CPU, CuPy on an NVIDIA GPU, same code. The hot path is
+float32; the layers also run in float64 when handed float64 arrays (the tests use that to
+check every backward against finite differences).
+
+Parameter names and layouts are Hugging Face's LlamaForCausalLM ones (weights are (out, in),
+so a linear layer is `x @ w.T`), so a checkpoint loads in `transformers` unchanged.
+"""
+import math
+import os
+from dataclasses import dataclass
+
+import numpy as np
+
+# -----------------------------------------------------------------------------
+# Backend: `xp` is CuPy when a CUDA GPU is usable, NumPy otherwise.
+# ALBOR_DEVICE=cpu forces NumPy; ALBOR_DEVICE=cuda demands a GPU (and says why there is none).
+
+
+def _pick_backend():
+    wanted = os.environ.get("ALBOR_DEVICE", "auto").strip().lower() or "auto"
+    if wanted not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"ALBOR_DEVICE must be 'cpu', 'cuda' or 'auto', got {wanted!r}")
+    if wanted == "cpu":
+        return np, "numpy"
+    try:
+        import cupy  # optional: only installed on machines with an NVIDIA GPU
+        usable = bool(cupy.cuda.is_available())  # False (no exception) without a driver
+        reason = "cupy.cuda.is_available() is False (no CUDA driver or no device)"
+    except Exception as error:  # not installed, or built for another CUDA version
+        cupy, usable, reason = None, False, f"cannot import cupy: {error}"
+    if usable:
+        return cupy, "cupy"
+    if wanted == "cuda":
+        raise RuntimeError(f"ALBOR_DEVICE=cuda, but no usable GPU: {reason}")
+    return np, "numpy"
+
+
+xp, BACKEND = _pick_backend()  # BACKEND is "numpy" or "cupy"
+
+
+def to_numpy(a):
+    """A host (NumPy) copy of an xp array; a no-op on NumPy."""
+    return xp.asnumpy(a) if BACKEND == "cupy" else np.asarray(a)
+
+
+# -----------------------------------------------------------------------------
+# Configuration. Field names are Hugging Face LlamaConfig's, so config.json maps 1:1.
+
+
+@dataclass(frozen=True)
+class Config:
+    vocab_size: int = 32768
+    hidden_size: int = 512  # C
+    num_hidden_layers: int = 12  # L
+    num_attention_heads: int = 8  # H query heads
+    num_key_value_heads: int = 2  # KVH key/value heads, shared by H // KVH query heads each
+    intermediate_size: int = 2048  # F, the MLP's hidden width
+    max_position_embeddings: int = 2048  # longest sequence T the model accepts
+    rope_theta: float = 10000.0
+    rms_norm_eps: float = 1e-5
+
+    def __post_init__(self):
+        for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                     "num_key_value_heads", "intermediate_size", "max_position_embeddings"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"Config.{name} must be a positive int, got {getattr(self, name)!r}")
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(f"hidden_size {self.hidden_size} is not divisible by "
+                             f"num_attention_heads {self.num_attention_heads}")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(f"num_attention_heads {self.num_attention_heads} is not divisible by "
+                             f"num_key_value_heads {self.num_key_value_heads}")
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim {self.head_dim} must be even for RoPE")
+        if not self.rope_theta > 0 or not self.rms_norm_eps > 0:
+            raise ValueError("rope_theta and rms_norm_eps must be positive")
+
+    @property
+    def head_dim(self):  # D
+        return self.hidden_size // self.num_attention_heads
+
+
+PRESETS = {
+    "albor-base-50m": Config(),
+    "tiny": Config(vocab_size=512, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                   num_key_value_heads=2, intermediate_size=160, max_position_embeddings=256),
+}
+
+
+def get_config(name):
+    """The preset called `name`, e.g. get_config("tiny").hidden_size == 64."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown config {name!r}; presets: {', '.join(PRESETS)}")
+    return PRESETS[name]
+
+
+IGNORE_INDEX = -100  # a target equal to this (e.g. padding) counts in neither the loss nor the grads
+
+# -----------------------------------------------------------------------------
+# Parameters
+
+
+def param_shapes(config):
+    """Name -> shape of every parameter, in the order the data flows through them.
+
+    Example (tiny): "model.embed_tokens.weight" -> (512, 64), "model.layers.0.self_attn.k_proj.weight"
+    -> (32, 64) (2 KV heads of 16 dims, from 64 inputs), ..., "model.norm.weight" -> (64,).
+    There is no lm_head.weight: the LM head reuses the embedding matrix.
+    """
+    C, F, V = config.hidden_size, config.intermediate_size, config.vocab_size
+    kv_dim = config.num_key_value_heads * config.head_dim
+    shapes = {"model.embed_tokens.weight": (V, C)}
+    for i in range(config.num_hidden_layers):
+        p = f"model.layers.{i}."
+        shapes[p + "input_layernorm.weight"] = (C,)
+        shapes[p + "self_attn.q_proj.weight"] = (C, C)
+        shapes[p + "self_attn.k_proj.weight"] = (kv_dim, C)
+        shapes[p + "self_attn.v_proj.weight"] = (kv_dim, C)
+        shapes[p + "self_attn.o_proj.weight"] = (C, C)
+        shapes[p + "post_attention_layernorm.weight"] = (C,)
+        shapes[p + "mlp.gate_proj.weight"] = (F, C)
+        shapes[p + "mlp.up_proj.weight"] = (F, C)
+        shapes[p + "mlp.down_proj.weight"] = (C, F)
+    shapes["model.norm.weight"] = (C,)
+    return shapes
+
+
+def param_count(config):
+    """Number of parameters; 62,403,072 for albor-base-50m."""
+    return sum(math.prod(shape) for shape in param_shapes(config).values())
+
+
+def init_params(config, seed=0):
+    """float32 parameters: matrices ~ N(0, 0.02), norm weights 1.
+
+    Drawn on the host from np.random.default_rng(seed) in param_shapes order, then moved to xp,
+    so a seed gives the same parameters on NumPy and on CuPy.
+    """
+    rng = np.random.default_rng(seed)
+    params = {}
+    for name, shape in param_shapes(config).items():
+        if len(shape) == 1:  # an RMSNorm weight: start as the identity scaling
+            host = np.ones(shape, dtype=np.float32)
+        else:
+            host = rng.standard_normal(shape, dtype=np.float32)
+            host *= 0.02
+        params[name] = xp.asarray(host)
+    return params
+
+
+# -----------------------------------------------------------------------------
+# Layers. Shapes: B batch, T time, C hidden, H query heads, KVH key/value heads, D head dim,
+# F MLP width, V vocabulary, N = B*T rows. Linear layers are written inline as `x @ w.T`
+# (w.T is a strided view: BLAS reads it transposed, nothing is copied).
+
+# --- embedding ---------------------------------------------------------------
+
+
+def embedding_forward(wte, idx):
+    """One table row per token: wte (V, C), idx (...) int -> (..., C)."""
+    return wte[idx]
+
+
+def embedding_backward(dwte, dout, idx):
+    """ADD the gradient of `out = wte[idx]` into dwte (V, C) in place; dout (..., C).
+
+    A token that occurs several times collects the sum of its rows. `add.at` adds repeated
+    indices one after another (a plain `dwte[idx] += dout` would keep only one of them), in a
+    fixed order on NumPy, so the result is deterministic.
+    """
+    # out = wte[idx]
+    xp.add.at(dwte, idx.reshape(-1), dout.reshape(-1, dout.shape[-1]))
+
+
+# --- RMSNorm -----------------------------------------------------------------
+
+
+def rmsnorm_forward(x, weight, eps):
+    """out = x / sqrt(mean(x**2) + eps) * weight over the last axis. x (..., C), weight (C,).
+
+    Returns (out, rstd) with rstd (..., 1) = 1 / sqrt(mean(x**2) + eps), which backward needs.
+    """
+    rstd = 1.0 / xp.sqrt(xp.mean(x * x, axis=-1, keepdims=True) + eps)  # (..., 1)
+    out = x * rstd  # (..., C) the normalized x, "xhat"
+    out *= weight
+    return out, rstd
+
+
+def rmsnorm_backward(dout, x, weight, rstd):
+    """Gradients of out = (x * rstd) * weight: returns (dx (..., C), dweight (C,))."""
+    C = x.shape[-1]
+    xhat = x * rstd  # (..., C)
+    dweight = (dout * xhat).reshape(-1, C).sum(axis=0)  # (C,)
+    dxhat = dout * weight  # (..., C)
+    # xhat_i = x_i * rstd with rstd = (mean_j x_j**2 + eps) ** -0.5, so
+    # d xhat_i / d x_j = rstd * (delta_ij - xhat_i * xhat_j / C)
+    dx = dxhat - xhat * xp.mean(dxhat * xhat, axis=-1, keepdims=True)
+    dx *= rstd
+    return dx, dweight
+
+
+# --- RoPE --------------------------------------------------------------------
+
+
+def rope_tables(T, head_dim, theta, dtype=np.float32):
+    """cos and sin tables (T, D) for positions 0..T-1, the way HF LLaMA builds them.
+
+    inv_freq = theta ** (-arange(0, D, 2) / D) (D/2 frequencies), angle[t, i] = t * inv_freq[i],
+    and the D/2 angles are repeated twice: dims i and i + D/2 rotate together.
+    Example: D=4, theta=10000 -> inv_freq = [1, 0.01]; position 3 -> angles [3, 0.03, 3, 0.03].
+    """
+    inv_freq = 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=dtype) / head_dim))  # (D/2,)
+    angles = np.outer(np.arange(T, dtype=dtype), inv_freq)  # (T, D/2)
+    angles = np.concatenate([angles, angles], axis=1)  # (T, D)
+    return xp.asarray(np.cos(angles)), xp.asarray(np.sin(angles))
+
+
+def rope_forward(x, cos, sin):
+    """Rotate each (dim i, dim i + D/2) pair of x by its position's angle.
+
+    out = x * cos + rotate_half(x) * sin, rotate_half([x1, x2]) = [-x2, x1] (halves of D).
+    x (B, heads, T, D), possibly a strided view; out is a fresh C-contiguous (B, heads, T, D),
+    so attention can view it as (B, KVH, group*T, D) without a copy.
+    """
+    half = x.shape[-1] // 2
+    out = xp.empty(x.shape, dtype=x.dtype)  # C order, whatever x's strides are
+    xp.multiply(x, cos, out=out)
+    out[..., :half] -= x[..., half:] * sin[:, :half]
+    out[..., half:] += x[..., :half] * sin[:, half:]
+    return out
+
+
+def rope_backward(dout, cos, sin):
+    """Gradient of rope_forward (a rotation, so this is the rotation by minus the angle)."""
+    # out1 = x1 * cos - x2 * sin  and  out2 = x2 * cos + x1 * sin  (per half, same angle), so
+    # dx1 = dout1 * cos + dout2 * sin  and  dx2 = dout2 * cos - dout1 * sin
+    half = dout.shape[-1] // 2
+    dx = xp.empty(dout.shape, dtype=dout.dtype)
+    xp.multiply(dout, cos, out=dx)
+    dx[..., :half] += dout[..., half:] * sin[:, half:]
+    dx[..., half:] -= dout[..., :half] * sin[:, :half]
+    return dx
+
+
+# --- causal grouped-query attention -----------------------------------------
+# H query heads share KVH key/value heads: query head h reads KV head h // group, group = H // KVH.
+# Instead of repeating K and V group times, view q (B, H, T, D) as (B, KVH, group*T, D): the
+# group's query heads are stacked along the rows, so one batched matmul per KV head computes all
+# their scores, and dK/dV come out already summed over the group. Row r of that view is query
+# position t = r % T, which is what the causal mask looks at.
+
+
+def _causal_mask_bias(T, group, dtype):
+    """(group*T, T): 0 where key position s <= query position t = row % T, -inf after it."""
+    t = xp.arange(group * T) % T  # (group*T,)
+    s = xp.arange(T)  # (T,)
+    return xp.where(s[None, :] > t[:, None], -xp.inf, 0.0).astype(dtype)
+
+
+def _attention_shapes(q, k):
+    B, H, T, D = q.shape
+    KVH = k.shape[1]
+    if H % KVH or k.shape != (B, KVH, T, D):
+        raise ValueError(f"attention: q {q.shape} and k {k.shape} are not (B,H,T,D) and "
+                         f"(B,KVH,T,D) with H divisible by KVH")
+    return B, H, T, D, KVH, H // KVH
+
+
+def attention_forward(q, k, v):
+    """Causal softmax attention. q (B, H, T, D), k and v (B, KVH, T, D).
+
+    Returns out (B, H, T, D) and lse (B, H, T), the natural-log sum-exp of each row of scaled,
+    masked scores (what a FlashAttention kernel saves: backward rebuilds the softmax from it).
+    """
+    B, H, T, D, KVH, group = _attention_shapes(q, k)
+    scale = 1.0 / math.sqrt(D)  # a Python float: keeps float32 arrays float32
+    qg = q.reshape(B, KVH, group * T, D)  # a view when q is C-contiguous
+    scores = qg @ k.transpose(0, 1, 3, 2)  # (B, KVH, group*T, T)
+    scores *= scale
+    scores += _causal_mask_bias(T, group, scores.dtype)
+    row_max = scores.max(axis=-1, keepdims=True)  # (B, KVH, group*T, 1)
+    scores -= row_max
+    probs = xp.exp(scores, out=scores)  # softmax numerator, in the scores buffer
+    row_sum = probs.sum(axis=-1, keepdims=True)
+    probs /= row_sum
+    out = (probs @ v).reshape(B, H, T, D)  # (B, KVH, group*T, D) -> (B, H, T, D)
+    lse = (row_max + xp.log(row_sum)).reshape(B, H, T)
+    return out, lse
+
+
+def attention_backward(dout, q, k, v, out, lse):
+    """Gradients of attention_forward: returns dq (B, H, T, D), dk and dv (B, KVH, T, D),
+    dk/dv summed over the query heads of each group. dout and out are (B, H, T, D)."""
+    B, H, T, D, KVH, group = _attention_shapes(q, k)
+    scale = 1.0 / math.sqrt(D)
+    qg = q.reshape(B, KVH, group * T, D)
+    dout_g = dout.reshape(B, KVH, group * T, D)  # copies only if dout is a strided view
+    # rebuild probs = exp(scores - lse) instead of having kept the (.., T, T) matrix
+    probs = qg @ k.transpose(0, 1, 3, 2)  # (B, KVH, group*T, T)
+    probs *= scale
+    probs += _causal_mask_bias(T, group, probs.dtype)
+    probs -= lse.reshape(B, KVH, group * T, 1)
+    xp.exp(probs, out=probs)
+    # out = probs @ v
+    dv = probs.transpose(0, 1, 3, 2) @ dout_g  # (B, KVH, T, D), summed over the group's rows
+    dprobs = dout_g @ v.transpose(0, 1, 3, 2)  # (B, KVH, group*T, T)
+    # probs = softmax(scores): dscores = probs * (dprobs - sum_j dprobs_j * probs_j), and
+    # sum_j dprobs_j * probs_j = sum_d dout_d * out_d (because out = probs @ v), a cheap (.., D) sum
+    delta = (dout * out).sum(axis=-1).reshape(B, KVH, group * T, 1)
+    dscores = dprobs
+    dscores -= delta
+    dscores *= probs
+    # scores = (qg @ k^T) * scale (+ the constant mask)
+    dscores *= scale
+    dq = (dscores @ k).reshape(B, H, T, D)
+    dk = dscores.transpose(0, 1, 3, 2) @ qg  # (B, KVH, T, D), summed over the group's rows
+    return dq, dk, dv
+
+
+# --- SwiGLU ------------------------------------------------------------------
+# The MLP is down_proj(silu(gate_proj(x)) * up_proj(x)); this pair is its elementwise middle.
+
+
+def _sigmoid(x):
+    """1 / (1 + exp(-x)), computed in one fresh buffer."""
+    s = xp.negative(x)
+    xp.exp(s, out=s)
+    s += 1.0
+    xp.reciprocal(s, out=s)
+    return s
+
+
+def swiglu_forward(gate, up):
+    """h = silu(gate) * up with silu(g) = g * sigmoid(g). gate, up (N, F) -> h (N, F)."""
+    h = _sigmoid(gate)
+    h *= gate
+    h *= up
+    return h
+
+
+def swiglu_backward(dh, gate, up):
+    """Gradients of h = gate * sigmoid(gate) * up: returns (dgate, dup)."""
+    sig = _sigmoid(gate)
+    silu = gate * sig
+    dup = dh * silu
+    # d silu / d gate = sig + gate * sig * (1 - sig) = sig + silu * (1 - sig)
+    dsilu = silu - silu * sig
+    dsilu += sig
+    dgate = dh * up
+    dgate *= dsilu
+    return dgate, dup
+
+
+# --- softmax cross-entropy ---------------------------------------------------
+# The logits (N, V) are by far the largest tensor (512 x 32768 floats = 64 MiB at B=4, T=128).
+# The forward turns them into softmax probabilities IN PLACE, a block of rows at a time (the
+# block stays in the CPU cache through its five passes); the backward turns those into dlogits
+# IN PLACE. No second (N, V) array is ever made.
+
+CE_BLOCK_ROWS = 16  # 16 x 32768 float32 = 2 MiB per block
+
+
+def cross_entropy_forward(logits, targets):
+    """Mean of -log softmax(logits)[target] over the rows whose target != IGNORE_INDEX.
+
+    logits (N, V), OVERWRITTEN with the softmax probabilities; targets (N,) int.
+    Returns (loss as a Python float, probs = the same buffer, number of counted rows).
+    Example: logits all 0 over V classes -> loss = ln(V) whatever the targets.
+    """
+    N = logits.shape[0]
+    valid = targets != IGNORE_INDEX  # (N,)
+    n_valid = int(valid.sum())
+    if n_valid == 0:
+        raise ValueError("every target is IGNORE_INDEX: the mean loss over no tokens is undefined")
+    safe_targets = xp.where(valid, targets, 0)  # ignored rows look up class 0, then count 0
+    row_loss = xp.empty(N, dtype=logits.dtype)  # -log p[target] per row
+    for start in range(0, N, CE_BLOCK_ROWS):
+        stop = min(start + CE_BLOCK_ROWS, N)
+        block = logits[start:stop]  # (R, V) view into logits
+        block -= block.max(axis=1, keepdims=True)  # largest logit now 0: exp cannot overflow
+        target_logit = block[xp.arange(stop - start), safe_targets[start:stop]]  # (R,)
+        xp.exp(block, out=block)
+        row_sum = block.sum(axis=1, keepdims=True)  # (R, 1)
+        block /= row_sum  # softmax probabilities
+        # -log(exp(target_logit) / row_sum) = log(row_sum) - target_logit
+        row_loss[start:stop] = xp.log(row_sum[:, 0]) - target_logit
+    loss_sum = xp.where(valid, row_loss, 0.0).sum(dtype=xp.float64)  # float64 for the sum only
+    return float(loss_sum) / n_valid, logits, n_valid
+
+
+def cross_entropy_backward(probs, targets, loss_scale=1.0):
+    """Gradient of loss_scale * (mean cross-entropy) w.r.t. the logits, written over probs.
+
+    probs (N, V) from cross_entropy_forward (OVERWRITTEN and returned as dlogits).
+    """
+    # loss = (1 / n_valid) * sum over valid rows of -log probs[row, target[row]], so
+    # dlogits[row] = (probs[row] - onehot(target[row])) / n_valid, and 0 for ignored rows
+    valid = targets != IGNORE_INDEX
+    n_valid = int(valid.sum())
+    scale = float(loss_scale) / n_valid  # a Python float: keeps float32 arrays float32
+    row_scale = valid.astype(probs.dtype) * scale  # (N,) 0 for ignored rows
+    dlogits = probs
+    dlogits *= row_scale[:, None]
+    rows = xp.nonzero(valid)[0]
+    dlogits[rows, targets[rows]] -= scale
+    return dlogits
+
+
+# -----------------------------------------------------------------------------
+# The transformer block: attention half, then MLP half, each with a residual add.
+
+
+def block_forward(params, config, layer, x, B, T, cos, sin):
+    """One block on x (N, C), N = B*T. Returns (x_out (N, C), cache for block_backward)."""
+    p = f"model.layers.{layer}."
+    N, C = x.shape
+    H, KVH, D = config.num_attention_heads, config.num_key_value_heads, config.head_dim
+    eps = config.rms_norm_eps
+    # attention half: x_mid = x + o_proj(attention(rope(q), rope(k), v)) of rmsnorm(x)
+    a, rstd_attn = rmsnorm_forward(x, params[p + "input_layernorm.weight"], eps)  # (N, C)
+    q = a @ params[p + "self_attn.q_proj.weight"].T  # (N, H*D)
+    k = a @ params[p + "self_attn.k_proj.weight"].T  # (N, KVH*D)
+    v = a @ params[p + "self_attn.v_proj.weight"].T  # (N, KVH*D)
+    q = rope_forward(q.reshape(B, T, H, D).transpose(0, 2, 1, 3), cos, sin)  # (B, H, T, D)
+    k = rope_forward(k.reshape(B, T, KVH, D).transpose(0, 2, 1, 3), cos, sin)  # (B, KVH, T, D)
+    v = xp.ascontiguousarray(v.reshape(B, T, KVH, D).transpose(0, 2, 1, 3))  # (B, KVH, T, D)
+    att, lse = attention_forward(q, k, v)  # (B, H, T, D), (B, H, T)
+    att = att.transpose(0, 2, 1, 3).reshape(N, C)  # heads side by side again (a copy)
+    x_mid = x + att @ params[p + "self_attn.o_proj.weight"].T  # (N, C)
+    # MLP half: x_out = x_mid + down_proj(silu(gate_proj(m)) * up_proj(m)), m = rmsnorm(x_mid)
+    m, rstd_mlp = rmsnorm_forward(x_mid, params[p + "post_attention_layernorm.weight"], eps)
+    gate = m @ params[p + "mlp.gate_proj.weight"].T  # (N, F)
+    up = m @ params[p + "mlp.up_proj.weight"].T  # (N, F)
+    h = swiglu_forward(gate, up)  # (N, F)
+    x_out = x_mid + h @ params[p + "mlp.down_proj.weight"].T  # (N, C)
+    cache = dict(x=x, rstd_attn=rstd_attn, a=a, q=q, k=k, v=v, att=att, lse=lse,
+                 x_mid=x_mid, rstd_mlp=rstd_mlp, m=m, gate=gate, up=up, h=h)
+    return x_out, cache
+
+
+def _add_grad(grads, name, grad):
+    """Store a parameter's gradient: the first contribution is kept as is (nothing is ever
+    zeroed), later ones (the next micro-batch, the second use of a tied weight) add in place."""
+    if name in grads:
+        grads[name] += grad
+    else:
+        grads[name] = grad
+
+
+def block_backward(params, config, layer, dx_out, cache, cos, sin, grads):
+    """Backward of block_forward: adds the block's weight gradients into grads, returns dx (N, C)."""
+    p = f"model.layers.{layer}."
+    c = cache
+    B, H, T, D = c["q"].shape
+    N, C = dx_out.shape
+    KVH = config.num_key_value_heads
+    # x_out = x_mid + h @ down_proj.T
+    _add_grad(grads, p + "mlp.down_proj.weight", dx_out.T @ c["h"])  # (C, F)
+    dh = dx_out @ params[p + "mlp.down_proj.weight"]  # (N, F)
+    # h = swiglu(gate, up)
+    dgate, dup = swiglu_backward(dh, c["gate"], c["up"])
+    # gate = m @ gate_proj.T ; up = m @ up_proj.T
+    _add_grad(grads, p + "mlp.gate_proj.weight", dgate.T @ c["m"])  # (F, C)
+    _add_grad(grads, p + "mlp.up_proj.weight", dup.T @ c["m"])  # (F, C)
+    dm = dgate @ params[p + "mlp.gate_proj.weight"]  # (N, C)
+    dm += dup @ params[p + "mlp.up_proj.weight"]
+    # m = rmsnorm(x_mid), and x_mid also flows straight into x_out (the residual)
+    dx_mid, dweight = rmsnorm_backward(dm, c["x_mid"], params[p + "post_attention_layernorm.weight"],
+                                       c["rstd_mlp"])
+    _add_grad(grads, p + "post_attention_layernorm.weight", dweight)
+    dx_mid += dx_out
+    # x_mid = x + att @ o_proj.T
+    _add_grad(grads, p + "self_attn.o_proj.weight", dx_mid.T @ c["att"])  # (C, C)
+    datt = dx_mid @ params[p + "self_attn.o_proj.weight"]  # (N, C)
+    # att = attention(q, k, v), merged from (B, H, T, D)
+    datt = datt.reshape(B, T, H, D).transpose(0, 2, 1, 3)  # (B, H, T, D) view
+    att = c["att"].reshape(B, T, H, D).transpose(0, 2, 1, 3)
+    dq, dk, dv = attention_backward(datt, c["q"], c["k"], c["v"], att, c["lse"])
+    # q = rope(q_proj(a)), k = rope(k_proj(a)), v = v_proj(a)
+    dq = rope_backward(dq, cos, sin).transpose(0, 2, 1, 3).reshape(N, H * D)  # (N, C)
+    dk = rope_backward(dk, cos, sin).transpose(0, 2, 1, 3).reshape(N, KVH * D)  # (N, KVH*D)
+    dv = dv.transpose(0, 2, 1, 3).reshape(N, KVH * D)  # (N, KVH*D)
+    _add_grad(grads, p + "self_attn.q_proj.weight", dq.T @ c["a"])
+    _add_grad(grads, p + "self_attn.k_proj.weight", dk.T @ c["a"])
+    _add_grad(grads, p + "self_attn.v_proj.weight", dv.T @ c["a"])
+    da = dq @ params[p + "self_attn.q_proj.weight"]  # (N, C)
+    da += dk @ params[p + "self_attn.k_proj.weight"]
+    da += dv @ params[p + "self_attn.v_proj.weight"]
+    # a = rmsnorm(x), and x also flows straight into x_mid (the residual)
+    dx, dweight = rmsnorm_backward(da, c["x"], params[p + "input_layernorm.weight"], c["rstd_attn"])
+    _add_grad(grads, p + "input_layernorm.weight", dweight)
+    dx += dx_mid
+    return dx
+
+
+# -----------------------------------------------------------------------------
+# The whole model
+
+
+def _check_tokens(name, ids, config):
+    if ids.ndim != 2 or ids.dtype.kind not in "iu":
+        raise ValueError(f"{name} must be a (B, T) integer array, got shape {ids.shape} {ids.dtype}")
+
+
+def forward(params, config, idx, targets=None):
+    """Run the model on idx (B, T) token ids.
+
+    Without targets: returns (logits (B, T, V) float32, None).
+    With targets (B, T) (IGNORE_INDEX where no prediction counts): returns (mean loss as a
+    Python float, cache) and the cache feeds `backward`.
+
+    The cache holds what backward needs and nothing else:
+      idx, targets (flattened), B, T, the RoPE cos/sin tables,
+      per layer: x and x_mid (the residual stream entering each half), rstd_attn and rstd_mlp
+        (the RMSNorm scales), a and m (the normalized inputs of the projections), q and k (after
+        RoPE), v, att (attention output with heads merged, (N, C)), lse, gate, up, h (SwiGLU output),
+      x_final (the residual stream after the last block), rstd_final, xf (its normalized form),
+      probs: the (N, V) softmax probabilities, in the logits' buffer (backward overwrites them).
+    """
+    idx = xp.asarray(idx)
+    _check_tokens("idx", idx, config)
+    B, T = idx.shape
+    if T > config.max_position_embeddings:
+        raise ValueError(f"sequence length {T} > max_position_embeddings {config.max_position_embeddings}")
+    if int(idx.min()) < 0 or int(idx.max()) >= config.vocab_size:
+        raise ValueError(f"token ids must lie in [0, {config.vocab_size}), got "
+                         f"[{int(idx.min())}, {int(idx.max())}]")
+    wte = params["model.embed_tokens.weight"]  # (V, C), also the LM head
+    N, C, V = B * T, config.hidden_size, config.vocab_size
+    cos, sin = rope_tables(T, config.head_dim, config.rope_theta, wte.dtype)  # (T, D) each
+
+    x = embedding_forward(wte, idx).reshape(N, C)  # (N, C)
+    layer_caches = []
+    for layer in range(config.num_hidden_layers):
+        x, layer_cache = block_forward(params, config, layer, x, B, T, cos, sin)
+        if targets is not None:
+            layer_caches.append(layer_cache)
+    xf, rstd_final = rmsnorm_forward(x, params["model.norm.weight"], config.rms_norm_eps)  # (N, C)
+    logits = xf @ wte.T  # (N, V) the tied LM head
+    if targets is None:
+        return logits.reshape(B, T, V), None
+
+    targets = xp.asarray(targets)
+    _check_tokens("targets", targets, config)
+    if targets.shape != idx.shape:
+        raise ValueError(f"targets shape {targets.shape} != idx shape {idx.shape}")
+    targets = targets.reshape(N)
+    bad = (targets != IGNORE_INDEX) & ((targets < 0) | (targets >= V))
+    if bool(bad.any()):
+        raise ValueError(f"targets must lie in [0, {V}) or equal IGNORE_INDEX ({IGNORE_INDEX})")
+    loss, probs, _ = cross_entropy_forward(logits, targets)
+    cache = dict(idx=idx, targets=targets, B=B, T=T, cos=cos, sin=sin, layers=layer_caches,
+                 x_final=x, rstd_final=rstd_final, xf=xf, probs=probs)
+    return loss, cache
+
+
+def backward(params, config, cache, loss_scale=1.0, grads=None):
+    """Gradients of loss_scale * loss for the forward that made `cache`.
+
+    grads=None: returns a fresh dict, same names, shapes and dtype as params.
+    grads given: ADDS into its arrays in place (gradient accumulation) and returns it.
+    The cache is used up (its logits buffer becomes dlogits); call forward again for another pass.
+    """
+    if cache.get("probs") is None:
+        raise ValueError("this cache was already used by backward(); run forward() again")
+    fresh = grads is None
+    if fresh:
+        grads = {}
+    wte = params["model.embed_tokens.weight"]
+    cos, sin = cache["cos"], cache["sin"]
+
+    # loss = cross_entropy(logits, targets)
+    dlogits = cross_entropy_backward(cache.pop("probs"), cache["targets"], loss_scale)  # (N, V)
+    # logits = xf @ wte.T (the tied LM head: wte's first gradient)
+    _add_grad(grads, "model.embed_tokens.weight", dlogits.T @ cache["xf"])  # (V, C)
+    dxf = dlogits @ wte  # (N, C)
+    del dlogits
+    # xf = rmsnorm(x_final)
+    dx, dweight = rmsnorm_backward(dxf, cache["x_final"], params["model.norm.weight"],
+                                   cache["rstd_final"])
+    _add_grad(grads, "model.norm.weight", dweight)
+    for layer in reversed(range(config.num_hidden_layers)):
+        dx = block_backward(params, config, layer, dx, cache["layers"][layer], cos, sin, grads)
+    # x = wte[idx] (wte's second gradient, added into the first)
+    embedding_backward(grads["model.embed_tokens.weight"], dx, cache["idx"])
+
+    if fresh:
+        return {name: grads[name] for name in params}  # params' order
+    return grads
