@@ -604,3 +604,458 @@ def backward(params, config, cache, loss_scale=1.0, grads=None):
     if fresh:
         return {name: grads[name] for name in params}  # params' order
     return grads
+
+# -----------------------------------------------------------------------------
+# Optimization: AdamW, learning-rate schedule, gradient clipping, checkpoints
+#
+# Everything train.py needs to update the weights and to save and load them.
+# The optimizer state lives next to the parameters (same names, float32, on the
+# same backend), so saving a checkpoint is writing three dicts of arrays.
+
+import dataclasses
+import json
+import math
+import os
+
+import numpy as np
+from safetensors import SafetensorError
+from safetensors.numpy import load_file as _safetensors_load_file
+from safetensors.numpy import save_file as _safetensors_save_file
+
+
+def is_decayed(name, shape):
+    """Whether weight decay applies to the parameter `name` of this shape.
+
+    Decay pulls weights towards zero. That suits the matrices (they carry the
+    model's capacity), not the RMSNorm gains: those are 1-D scales whose
+    resting value is 1, and pulling them to 0 would switch features off.
+    The rule is the one nanoGPT uses: decay every tensor with 2 or more dims.
+
+    The tied embedding / LM head (V, C) is decayed too. It is a matrix, it is
+    the largest one in the model (16.8M of albor-base-50m's 62.4M parameters),
+    and as the LM head it works like any output projection; leaving it
+    undecayed would leave a quarter of the model unregularized. (Rows of
+    tokens that never occur only shrink, which is what decay should do.)
+
+    >>> is_decayed("model.layers.0.mlp.up_proj.weight", (2048, 512))
+    True
+    >>> is_decayed("model.norm.weight", (512,))
+    False
+    """
+    return len(shape) >= 2
+
+
+class AdamW:
+    """AdamW (Loshchilov & Hutter 2019): Adam with decoupled weight decay.
+
+    For each parameter p with gradient g, at update number t = 1, 2, ...:
+
+        p = p - lr * weight_decay * p             (decoupled decay, matrices only)
+        m = beta1 * m + (1 - beta1) * g           (first moment: running mean)
+        v = beta2 * v + (1 - beta2) * g * g       (second moment: running mean of g^2)
+        m_hat = m / (1 - beta1 ** t)              (bias correction: m and v start at 0,
+        v_hat = v / (1 - beta2 ** t)               so early averages are too small)
+        p = p - lr * m_hat / (sqrt(v_hat) + eps)
+
+    "Decoupled" means the decay is applied to the weights directly, not added
+    to the gradient (which Adam would then rescale per coordinate).
+
+    State: `m` and `v`, float32 arrays keyed by parameter name, and the update
+    count `t`. The learning rate is not state: train.py passes each update's
+    value (from `lr_at`) to `step`.
+
+    >>> params = {"w": xp.ones((1, 2), dtype=xp.float32)}
+    >>> opt = AdamW(params, weight_decay=0.0)
+    >>> opt.step(params, {"w": xp.asarray([[0.5, -2.0]], dtype=xp.float32)}, lr=0.1)
+    >>> [round(float(x), 4) for x in to_numpy(params["w"])[0]]   # first step moves lr * sign(g)
+    [0.9, 1.1]
+    """
+
+    def __init__(self, params, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1):
+        beta1, beta2 = betas
+        if not (0.0 <= beta1 < 1.0 and 0.0 <= beta2 < 1.0):
+            raise ValueError(f"AdamW betas must be in [0, 1), got ({beta1}, {beta2})")
+        if not eps > 0.0:
+            raise ValueError(f"AdamW eps must be > 0, got {eps}")
+        if not weight_decay >= 0.0:
+            raise ValueError(f"AdamW weight_decay must be >= 0, got {weight_decay}")
+        self.beta1 = float(beta1)
+        self.beta2 = float(beta2)
+        self.eps = float(eps)
+        self.weight_decay = float(weight_decay)
+        self.t = 0                                                       # updates done so far
+        self.m = {name: xp.zeros_like(p) for name, p in params.items()}  # first moments
+        self.v = {name: xp.zeros_like(p) for name, p in params.items()}  # second moments
+        largest = max(p.size for p in params.values())
+        self._scratch = xp.empty(largest, dtype=xp.float32)              # one work buffer
+
+    def step(self, params, grads, lr):
+        """Update every parameter in place with its gradient, at learning rate lr."""
+        self.t += 1
+        # Python floats throughout: a NumPy float64 scalar would turn the
+        # float32 arithmetic below into float64 (and slow it down).
+        lr = float(lr)
+        bias_correction1 = 1.0 - self.beta1 ** self.t
+        bias_correction2 = 1.0 - self.beta2 ** self.t
+        step_size = lr / bias_correction1                 # folds m_hat = m / bias_correction1
+        inv_sqrt_bias_correction2 = 1.0 / math.sqrt(bias_correction2)
+        for name, p in params.items():
+            g, m, v = grads[name], self.m[name], self.v[name]
+            scratch = self._scratch[:p.size].reshape(p.shape)   # reused: no 67 MB temporaries
+            if self.weight_decay > 0.0 and is_decayed(name, p.shape):
+                p *= 1.0 - lr * self.weight_decay         # p = p - lr * wd * p
+            m *= self.beta1                               # m = beta1 * m + (1 - beta1) * g
+            xp.multiply(g, 1.0 - self.beta1, out=scratch)
+            m += scratch
+            xp.multiply(g, g, out=scratch)                # v = beta2 * v + (1 - beta2) * g^2
+            scratch *= 1.0 - self.beta2
+            v *= self.beta2
+            v += scratch
+            xp.sqrt(v, out=scratch)                       # scratch = sqrt(v_hat) + eps
+            scratch *= inv_sqrt_bias_correction2
+            scratch += self.eps
+            xp.divide(m, scratch, out=scratch)            # scratch = m / (sqrt(v_hat) + eps)
+            scratch *= step_size                          # p = p - lr * m_hat / (sqrt(v_hat) + eps)
+            p -= scratch
+
+    def hyperparameters(self):
+        return {"betas": [self.beta1, self.beta2], "eps": self.eps,
+                "weight_decay": self.weight_decay, "t": self.t}
+
+    def state_tensors(self):
+        """The state as one flat dict of arrays: "m.<param name>" and "v.<param name>"."""
+        tensors = {}
+        for name in self.m:
+            tensors["m." + name] = self.m[name]
+            tensors["v." + name] = self.v[name]
+        return tensors
+
+
+def lr_at(step, max_steps, lr, warmup, min_lr):
+    """Learning rate for update number `step` (1-based) of a `max_steps` run.
+
+    Linear warmup over the first `warmup` updates, then a cosine decay from
+    `lr` down to the floor `min_lr`, reached at the last update:
+
+        step <= warmup:  lr * step / (warmup + 1)             (never 0, never a wasted step)
+        step >  warmup:  min_lr + (lr - min_lr) * (1 + cos(pi * progress)) / 2,
+                         progress = (step - warmup - 1) / (max_steps - warmup - 1)
+
+    Past max_steps the rate stays at min_lr. With warmup 0 the first update
+    uses the full lr.
+
+    >>> [round(lr_at(s, 10, 1.0, 3, 0.1), 4) for s in range(1, 11)]
+    [0.25, 0.5, 0.75, 1.0, 0.9397, 0.775, 0.55, 0.325, 0.1603, 0.1]
+    """
+    if step <= warmup:
+        return lr * step / (warmup + 1)
+    if step > max_steps:
+        return min_lr
+    decay_steps = max_steps - warmup - 1
+    if decay_steps == 0:                                           # a single step after warmup
+        return lr
+    progress = (step - warmup - 1) / decay_steps                  # 0 at the peak, 1 at the end
+    return min_lr + (lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def default_warmup(max_steps):
+    """Warmup used when none is asked for: 10% of the run, at most 100 updates.
+
+    The model card used 500 warmup steps, which on its 31-step run meant the
+    learning rate never got above 6% of its peak. 10% of the run gives a short
+    run (31 updates -> 3 of warmup) a real schedule, and 100 updates is plenty
+    for Adam's second-moment estimates to settle on a long run.
+
+    >>> default_warmup(31), default_warmup(500), default_warmup(100_000)
+    (3, 50, 100)
+    """
+    return min(100, max_steps // 10)
+
+
+def clip_grad_norm(grads, max_norm):
+    """Scale all gradients together so their global L2 norm is at most max_norm.
+
+    The global norm is sqrt(sum over every parameter of sum(g * g)), the sum
+    accumulated in float64 (float32 loses digits over 62M squares). When it
+    exceeds max_norm every gradient is multiplied by max_norm / (norm + 1e-6),
+    which keeps the direction of the step and bounds its size. max_norm <= 0
+    (or None) turns clipping off. Non-finite norms are left alone (the caller
+    stops the run). Returns the norm before clipping, as a Python float.
+
+    >>> g = {"a": xp.asarray([3.0, 0.0], dtype=xp.float32), "b": xp.asarray([4.0], dtype=xp.float32)}
+    >>> clip_grad_norm(g, 1.0)
+    5.0
+    >>> [round(float(x), 4) for x in to_numpy(g["a"])], round(float(g["b"][0]), 4)
+    ([0.6, 0.0], 0.8)
+    """
+    sum_of_squares = 0.0
+    for g in grads.values():
+        sum_of_squares += float(xp.sum(g * g, dtype=xp.float64))
+    norm = math.sqrt(sum_of_squares)
+    if max_norm is not None and max_norm > 0.0 and math.isfinite(norm) and norm > max_norm:
+        scale = float(max_norm) / (norm + 1e-6)
+        for g in grads.values():
+            g *= scale
+    return norm
+
+
+# --- Checkpoints ---------------------------------------------------------------
+#
+# A checkpoint folder that Hugging Face `transformers` opens as LlamaForCausalLM:
+#   model.safetensors      fp32 weights, HF names and layouts, no lm_head.weight (tied)
+#   config.json            HF LlamaConfig fields
+#   optimizer.safetensors  AdamW's m and v ("m.<name>", "v.<name>"), its settings in the metadata
+# train.py adds tokenizer.json, trainer_state.json and final_model.json.
+#
+# Writes are atomic: every file is written to a hidden temporary name in the
+# same folder, flushed to disk, and only then renamed over the old one
+# (os.replace is atomic on POSIX and Windows). A crash mid-save leaves the
+# previous files intact. The model and optimizer files both record the step
+# they belong to, and loading checks that they agree.
+
+CHECKPOINT_MODEL = "model.safetensors"
+CHECKPOINT_CONFIG = "config.json"
+CHECKPOINT_OPTIMIZER = "optimizer.safetensors"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file is missing, truncated, corrupt or does not fit the model."""
+
+
+def config_to_hf(config):
+    """The config.json dict Hugging Face's LlamaConfig reads."""
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "vocab_size": config.vocab_size,
+        "hidden_size": config.hidden_size,
+        "intermediate_size": config.intermediate_size,
+        "num_hidden_layers": config.num_hidden_layers,
+        "num_attention_heads": config.num_attention_heads,
+        "num_key_value_heads": config.num_key_value_heads,
+        "head_dim": config.head_dim,
+        "max_position_embeddings": config.max_position_embeddings,
+        "rope_theta": config.rope_theta,
+        "rope_scaling": None,
+        "rms_norm_eps": config.rms_norm_eps,
+        "hidden_act": "silu",
+        "tie_word_embeddings": True,
+        "attention_bias": False,
+        "mlp_bias": False,
+        "attention_dropout": 0.0,
+        "initializer_range": 0.02,
+        "bos_token_id": 256,
+        "eos_token_id": 256,
+        "pad_token_id": 257,
+        "torch_dtype": "float32",
+    }
+
+
+def config_from_hf(hf, source="config.json"):
+    """A Config from a config.json dict; a CheckpointError naming `source` if it is not one albor can run."""
+    if not isinstance(hf, dict):
+        raise CheckpointError(f"{source}: expected a JSON object, got {type(hf).__name__}")
+    if hf.get("model_type", "llama") != "llama":
+        raise CheckpointError(f"{source}: model_type is {hf.get('model_type')!r}, albor reads only 'llama'")
+    for key, wanted in (("tie_word_embeddings", True), ("hidden_act", "silu"),
+                        ("attention_bias", False), ("mlp_bias", False)):
+        if key in hf and hf[key] != wanted:
+            raise CheckpointError(f"{source}: {key} is {hf[key]!r}, albor needs {wanted!r}")
+    if hf.get("rope_scaling") is not None:
+        raise CheckpointError(f"{source}: rope_scaling {hf['rope_scaling']!r} is not supported")
+    values = {}
+    for field in dataclasses.fields(Config):
+        if field.name not in hf:
+            raise CheckpointError(f"{source}: missing the field {field.name!r}")
+        kind = float if field.type in (float, "float") else int
+        value = hf[field.name]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and value != int(value)):
+            raise CheckpointError(f"{source}: {field.name} must be a {kind.__name__}, got {value!r}")
+        values[field.name] = kind(value)
+    config = Config(**values)
+    if "head_dim" in hf and hf["head_dim"] != config.head_dim:
+        raise CheckpointError(f"{source}: head_dim {hf['head_dim']} != hidden_size / num_attention_heads "
+                              f"= {config.head_dim}")
+    return config
+
+
+def atomic_write_bytes(path, data):
+    """Write bytes to path atomically: a temporary file in the same folder, fsync, rename."""
+    path = os.fspath(path)
+    tmp = _temporary_name(path)
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _temporary_name(path):
+    folder, name = os.path.split(path)
+    return os.path.join(folder, f".{name}.{os.getpid()}.tmp")
+
+
+def _fsync_file(path):
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def _stage_safetensors(path, tensors, metadata):
+    """Write tensors to a temporary file next to path; return the temporary name."""
+    tmp = _temporary_name(path)
+    host = {name: np.ascontiguousarray(to_numpy(a), dtype=np.float32) for name, a in tensors.items()}
+    _safetensors_save_file(host, tmp, metadata={k: str(v) for k, v in metadata.items()})
+    _fsync_file(tmp)
+    return tmp
+
+
+def _stage_bytes(path, data):
+    tmp = _temporary_name(path)
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    return tmp
+
+
+def save_checkpoint(folder, config, params, optimizer=None, step=0, extra_files=None):
+    """Save the model (and the optimizer state, and any extra files) into folder, atomically.
+
+    extra_files: {file name: bytes} written in the same go (train.py's
+    tokenizer.json, trainer_state.json, ...). All files are staged under
+    temporary names first and renamed into place only when all are on disk.
+    """
+    folder = os.fspath(folder)
+    os.makedirs(folder, exist_ok=True)
+    shapes = param_shapes(config)
+    if set(params) != set(shapes):
+        raise CheckpointError(f"{folder}: params do not match the config's parameter names")
+    staged = []   # (temporary path, final path)
+    try:
+        path = os.path.join(folder, CHECKPOINT_MODEL)
+        staged.append((_stage_safetensors(path, params, {"format": "pt", "step": step}), path))
+        path = os.path.join(folder, CHECKPOINT_CONFIG)
+        text = json.dumps(config_to_hf(config), indent=2) + "\n"
+        staged.append((_stage_bytes(path, text.encode()), path))
+        if optimizer is not None:
+            path = os.path.join(folder, CHECKPOINT_OPTIMIZER)
+            metadata = {"step": step, "hyperparameters": json.dumps(optimizer.hyperparameters())}
+            staged.append((_stage_safetensors(path, optimizer.state_tensors(), metadata), path))
+        for name, data in (extra_files or {}).items():
+            path = os.path.join(folder, name)
+            staged.append((_stage_bytes(path, data), path))
+    except BaseException:
+        for tmp, _ in staged:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+        raise
+    for tmp, path in staged:
+        os.replace(tmp, path)
+    if hasattr(os, "O_DIRECTORY"):   # make the renames themselves durable
+        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def read_safetensors(path, expected_shapes=None):
+    """Load a .safetensors file as ({name: np.ndarray}, metadata), checking it first.
+
+    Raises a one-line CheckpointError naming the file for a missing, truncated
+    or corrupt file, and, given expected_shapes ({name: shape}), for missing,
+    unexpected, wrongly shaped or non-float32 tensors.
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{path}: file not found")
+    size = os.path.getsize(path)
+    # Layout: 8-byte little-endian header length N, N bytes of JSON header, then the raw data.
+    with open(path, "rb") as f:
+        prefix = f.read(8)
+        if len(prefix) < 8:
+            raise CheckpointError(f"{path}: truncated ({size} bytes, not even a safetensors header)")
+        header_len = int.from_bytes(prefix, "little")
+        if 8 + header_len > size:
+            raise CheckpointError(f"{path}: truncated or not a safetensors file "
+                                  f"(header says {header_len} header bytes, file has {size} bytes)")
+        try:
+            header = json.loads(f.read(header_len))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise CheckpointError(f"{path}: corrupt safetensors header (not JSON)") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: corrupt safetensors header (not a JSON object)")
+    data_len = max([entry["data_offsets"][1] for name, entry in header.items()
+                    if name != "__metadata__" and isinstance(entry, dict) and "data_offsets" in entry] or [0])
+    if 8 + header_len + data_len != size:
+        raise CheckpointError(f"{path}: truncated or padded: the header describes "
+                              f"{8 + header_len + data_len} bytes, the file has {size}")
+    try:
+        tensors = _safetensors_load_file(path)
+    except (SafetensorError, ValueError, OSError) as e:
+        message = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise CheckpointError(f"{path}: corrupt safetensors file ({message})") from None
+    metadata = header.get("__metadata__") or {}
+    if expected_shapes is not None:
+        missing = [name for name in expected_shapes if name not in tensors]
+        if missing:
+            raise CheckpointError(f"{path}: missing {len(missing)} tensor(s), first {missing[0]!r}")
+        extra = [name for name in tensors if name not in expected_shapes]
+        if extra:
+            raise CheckpointError(f"{path}: unexpected tensor {extra[0]!r} ({len(extra)} in all)")
+        for name, shape in expected_shapes.items():
+            if tuple(tensors[name].shape) != tuple(shape):
+                raise CheckpointError(f"{path}: {name} has shape {tuple(tensors[name].shape)}, "
+                                      f"the config needs {tuple(shape)}")
+            if tensors[name].dtype != np.float32:
+                raise CheckpointError(f"{path}: {name} is {tensors[name].dtype}, expected float32")
+    return tensors, metadata
+
+
+def load_config(folder):
+    """The Config of a checkpoint folder, from its config.json."""
+    path = os.path.join(os.fspath(folder), CHECKPOINT_CONFIG)
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{path}: file not found (is {os.fspath(folder)!r} a checkpoint folder?)")
+    try:
+        with open(path, encoding="utf-8") as f:
+            hf = json.load(f)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+    return config_from_hf(hf, source=path)
+
+
+def load_checkpoint(folder):
+    """Load (config, params, step) from a checkpoint folder; params are float32 arrays on xp."""
+    config = load_config(folder)
+    path = os.path.join(os.fspath(folder), CHECKPOINT_MODEL)
+    tensors, metadata = read_safetensors(path, param_shapes(config))
+    params = {name: xp.asarray(tensors[name]) for name in param_shapes(config)}   # data-flow order
+    return config, params, int(metadata.get("step", 0))
+
+
+def load_optimizer(folder, params, step=None):
+    """An AdamW restored from folder's optimizer.safetensors, for these params.
+
+    Given step (the model file's step), checks the optimizer state belongs to it.
+    """
+    path = os.path.join(os.fspath(folder), CHECKPOINT_OPTIMIZER)
+    shapes = {}
+    for name, p in params.items():
+        shapes["m." + name] = p.shape
+        shapes["v." + name] = p.shape
+    tensors, metadata = read_safetensors(path, shapes)
+    if step is not None and int(metadata.get("step", -1)) != step:
+        raise CheckpointError(f"{path}: saved at step {metadata.get('step')}, but the model file is "
+                              f"at step {step} (an interrupted save?)")
+    try:
+        hyper = json.loads(metadata["hyperparameters"])
+        optimizer = AdamW(params, betas=tuple(hyper["betas"]), eps=hyper["eps"],
+                          weight_decay=hyper["weight_decay"])
+        optimizer.t = int(hyper["t"])
+    except (KeyError, TypeError, ValueError, json.JSONDecodeError):
+        raise CheckpointError(f"{path}: missing or corrupt optimizer settings in the metadata") from None
+    for name in params:
+        optimizer.m[name] = xp.asarray(tensors["m." + name])
+        optimizer.v[name] = xp.asarray(tensors["v." + name])
+    return optimizer
