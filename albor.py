@@ -883,10 +883,12 @@ def atomic_write_bytes(path, data):
     """Write bytes to path atomically: a temporary file in the same folder, fsync, rename."""
     path = os.fspath(path)
     tmp = _temporary_name(path)
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        _write_bytes(tmp, data)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
     os.replace(tmp, path)
 
 
@@ -895,27 +897,20 @@ def _temporary_name(path):
     return os.path.join(folder, f".{name}.{os.getpid()}.tmp")
 
 
-def _fsync_file(path):
-    with open(path, "rb") as f:
+def _write_safetensors(tmp, tensors, metadata):
+    """Write tensors (as float32 host arrays) to the file tmp and flush it to disk."""
+    host = {name: np.ascontiguousarray(to_numpy(a), dtype=np.float32) for name, a in tensors.items()}
+    _safetensors_save_file(host, tmp, metadata={k: str(v) for k, v in metadata.items()})
+    with open(tmp, "rb") as f:
         os.fsync(f.fileno())
 
 
-def _stage_safetensors(path, tensors, metadata):
-    """Write tensors to a temporary file next to path; return the temporary name."""
-    tmp = _temporary_name(path)
-    host = {name: np.ascontiguousarray(to_numpy(a), dtype=np.float32) for name, a in tensors.items()}
-    _safetensors_save_file(host, tmp, metadata={k: str(v) for k, v in metadata.items()})
-    _fsync_file(tmp)
-    return tmp
-
-
-def _stage_bytes(path, data):
-    tmp = _temporary_name(path)
+def _write_bytes(tmp, data):
+    """Write bytes to the file tmp and flush it to disk."""
     with open(tmp, "wb") as f:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
-    return tmp
 
 
 def save_checkpoint(folder, config, params, optimizer=None, step=0, extra_files=None):
@@ -930,21 +925,21 @@ def save_checkpoint(folder, config, params, optimizer=None, step=0, extra_files=
     shapes = param_shapes(config)
     if set(params) != set(shapes):
         raise CheckpointError(f"{folder}: params do not match the config's parameter names")
+    model_metadata = {"format": "pt", "step": step}   # transformers expects "format": "pt"
+    files = [(CHECKPOINT_MODEL, _write_safetensors, (params, model_metadata)),
+             (CHECKPOINT_CONFIG, _write_bytes, ((json.dumps(config_to_hf(config), indent=2) + "\n").encode(),))]
+    if optimizer is not None:
+        metadata = {"step": step, "hyperparameters": json.dumps(optimizer.hyperparameters())}
+        files.append((CHECKPOINT_OPTIMIZER, _write_safetensors, (optimizer.state_tensors(), metadata)))
+    for name, data in (extra_files or {}).items():
+        files.append((name, _write_bytes, (data,)))
     staged = []   # (temporary path, final path)
     try:
-        path = os.path.join(folder, CHECKPOINT_MODEL)
-        staged.append((_stage_safetensors(path, params, {"format": "pt", "step": step}), path))
-        path = os.path.join(folder, CHECKPOINT_CONFIG)
-        text = json.dumps(config_to_hf(config), indent=2) + "\n"
-        staged.append((_stage_bytes(path, text.encode()), path))
-        if optimizer is not None:
-            path = os.path.join(folder, CHECKPOINT_OPTIMIZER)
-            metadata = {"step": step, "hyperparameters": json.dumps(optimizer.hyperparameters())}
-            staged.append((_stage_safetensors(path, optimizer.state_tensors(), metadata), path))
-        for name, data in (extra_files or {}).items():
+        for name, write, args in files:
             path = os.path.join(folder, name)
-            staged.append((_stage_bytes(path, data), path))
-    except BaseException:
+            staged.append((_temporary_name(path), path))
+            write(staged[-1][0], *args)
+    except BaseException:            # a crash or Ctrl-C mid-save: drop the staged files, keep the old ones
         for tmp, _ in staged:
             if os.path.exists(tmp):
                 os.remove(tmp)
