@@ -41,6 +41,7 @@ Command line (each sub-command has --help):
 import argparse
 import heapq
 import json
+import os
 import sys
 import sysconfig
 import time
@@ -312,13 +313,11 @@ class Tokenizer:
         >>> Tokenizer().decode([0xE2, 0x82])     # first 2 of the 3 bytes of "€"
         '\ufffd'
         """
-        parts = []
-        for i in ids:
-            i = int(i)
-            if not 0 <= i < self.vocab_size:
-                raise ValueError(f"token id {i} is out of range for a vocabulary of {self.vocab_size}")
-            parts.append(self.token_bytes[i])
-        return b"".join(parts).decode("utf-8", errors="replace")
+        ids = list(ids)
+        if ids and (min(ids) < 0 or max(ids) >= self.vocab_size):
+            bad = next(i for i in ids if not 0 <= i < self.vocab_size)
+            raise ValueError(f"token id {bad} is out of range for a vocabulary of {self.vocab_size}")
+        return b"".join([self.token_bytes[i] for i in ids]).decode("utf-8", errors="replace")
 
     # ---------------------------------------------------------------- save/load
 
@@ -457,9 +456,13 @@ def bytes_to_unicode():
 def stdlib_python_files():
     """Sorted paths of the running interpreter's standard library .py files
     (site-packages excluded: installed packages are not the stdlib)."""
-    root = Path(sysconfig.get_paths()["stdlib"])
-    return sorted(path for path in root.rglob("*.py")
-                  if "site-packages" not in path.parts and "dist-packages" not in path.parts)
+    root = sysconfig.get_paths()["stdlib"]
+    paths = []
+    for folder, subfolders, filenames in os.walk(root):
+        # Prune installed packages in place so os.walk never descends into them.
+        subfolders[:] = [name for name in subfolders if name not in ("site-packages", "dist-packages")]
+        paths += [Path(folder, name) for name in filenames if name.endswith(".py")]
+    return sorted(paths)
 
 
 def stdlib_texts(max_lines=None):
