@@ -40,6 +40,8 @@ GEMM_REPEATS = 5       # each GEMM shape is timed this many times (best kept), a
 PAUSE_S = 0.2          # pause between albor and PyTorch so each one's idle BLAS/OpenMP
                        # threads (they spin-wait a while after work) stop competing for the CPUs
 LOSS_TOLERANCE = 1e-4  # albor's and PyTorch's losses must agree this closely (relative)
+LR = 6e-4              # train.py's default peak learning rate (the timings do not depend on it)
+GRAD_CLIP = 1.0        # train.py's default global gradient-norm clip
 
 # albor's layer functions (X_forward / X_backward) grouped into the kinds reported.
 LAYER_KINDS = {
@@ -147,7 +149,7 @@ def measure_gemm_rate(config, tokens):
         total_seconds += count * seconds
         del a, b, out
     print(f"  the model's GEMM mix: {total_flop / 1e9:.3g} GFLOP per step in "
-          f"{1000 * total_seconds:.3g} ms = {total_flop / total_seconds / 1e9:.1f} GFLOP/s "
+          f"{1000 * total_seconds:.2f} ms = {total_flop / total_seconds / 1e9:.1f} GFLOP/s "
           f"(MFU below is measured against this rate)")
     return total_flop, total_seconds
 
@@ -169,9 +171,15 @@ def training_flop(config, batch_size, seq_len):
 # 2. albor's training step
 
 def make_albor_optimizer(params):
-    """albor's AdamW as step(grads), with its hyperparameters as a dict; (None, None)
-    while albor.py has no optimizer yet."""
-    return None, None
+    """train.py's update as optimizer_step(grads): clip the global gradient norm, then
+    one albor.AdamW step (albor's default betas, eps, weight decay) at learning rate LR.
+    Returns (optimizer_step, the AdamW, whose settings PyTorch's AdamW copies)."""
+    adamw = albor.AdamW(params)
+
+    def optimizer_step(grads):
+        albor.clip_grad_norm(grads, GRAD_CLIP)
+        adamw.step(params, grads, LR)
+    return optimizer_step, adamw
 
 
 def albor_step(params, config, idx, targets, optimizer_step):
@@ -184,9 +192,8 @@ def albor_step(params, config, idx, targets, optimizer_step):
     synchronize()
     del cache
     backward_done = time.perf_counter()
-    if optimizer_step is not None:
-        optimizer_step(grads)
-        synchronize()
+    optimizer_step(grads)
+    synchronize()
     optimizer_done = time.perf_counter()
     return {"forward": forward_done - start,
             "backward": backward_done - forward_done,
@@ -260,8 +267,23 @@ def torch_loss(torch, weights, config, idx, targets):
     return F.cross_entropy(logits.view(B * T, -1), targets.view(B * T), ignore_index=albor.IGNORE_INDEX)
 
 
-def torch_step(torch, weights, optimizer, config, idx, targets):
-    """One forward + backward + AdamW step (or no optimizer); returns seconds per phase."""
+def make_torch_optimizer(torch, weights, adamw):
+    """The same update in PyTorch as optimizer_step(): clip_grad_norm_ to GRAD_CLIP, then
+    torch.optim.AdamW with albor's settings, decaying the same parameters (the matrices)."""
+    decayed = [w for name, w in weights.items() if albor.is_decayed(name, tuple(w.shape))]
+    not_decayed = [w for name, w in weights.items() if not albor.is_decayed(name, tuple(w.shape))]
+    torch_adamw = torch.optim.AdamW([{"params": decayed, "weight_decay": adamw.weight_decay},
+                                     {"params": not_decayed, "weight_decay": 0.0}],
+                                    lr=LR, betas=(adamw.beta1, adamw.beta2), eps=adamw.eps)
+
+    def optimizer_step():
+        torch.nn.utils.clip_grad_norm_(list(weights.values()), GRAD_CLIP)
+        torch_adamw.step()
+    return optimizer_step
+
+
+def torch_step(torch, weights, optimizer_step, config, idx, targets):
+    """One forward + backward + optimizer step; returns seconds per phase."""
     sync = torch.cuda.synchronize if idx.is_cuda else (lambda: None)
     start = time.perf_counter()
     loss = torch_loss(torch, weights, config, idx, targets)
@@ -270,16 +292,46 @@ def torch_step(torch, weights, optimizer, config, idx, targets):
     loss.backward()
     sync()
     backward_done = time.perf_counter()
-    if optimizer is not None:
-        optimizer.step()
+    optimizer_step()
     for weight in weights.values():
-        weight.grad = None
+        weight.grad = None  # what optimizer.zero_grad() does: the next backward writes fresh grads
     sync()
     optimizer_done = time.perf_counter()
     return {"forward": forward_done - start,
             "backward": backward_done - forward_done,
             "optimizer": optimizer_done - backward_done,
             "step": optimizer_done - start}
+
+
+def setup_torch(params, config, idx_host, targets_host, adamw):
+    """The PyTorch twin of albor's model and optimizer, or None (with a line saying why).
+    Its loss on the benchmark batch must match albor's, or the run stops: the timings
+    would not compare the same model."""
+    torch = import_torch()
+    if torch is None:
+        print("PyTorch: not installed, so only albor is timed (PyTorch is never required)")
+        return None
+    device = torch_device(torch)
+    if device is None:
+        print("PyTorch: installed but cannot use the GPU albor runs on, so only albor is timed")
+        return None
+    if device == "cpu":
+        torch.set_num_threads(os.cpu_count())  # as many threads as OpenBLAS uses by default
+    weights = {name: torch.tensor(albor.to_numpy(p), device=device).requires_grad_()
+               for name, p in params.items()}
+    idx = torch.tensor(idx_host, device=device)
+    targets = torch.tensor(targets_host, device=device)
+    albor_loss, _ = albor.forward(params, config, albor.xp.asarray(idx_host), albor.xp.asarray(targets_host))
+    with torch.no_grad():
+        reference = torch_loss(torch, weights, config, idx, targets).item()
+    difference = abs(albor_loss - reference)
+    print(f"PyTorch {torch.__version__} on {device} ({torch.get_num_threads()} threads), the same model "
+          f"and parameters: loss {reference:.6f}, albor {albor_loss:.6f}, |difference| {difference:.2e}")
+    if difference > LOSS_TOLERANCE * max(1.0, abs(reference)):
+        raise SystemExit(f"error: albor's loss {albor_loss:.6f} does not match PyTorch's "
+                         f"{reference:.6f}; the timings would not compare the same model")
+    return {"torch": torch, "weights": weights, "idx": idx, "targets": targets,
+            "optimizer_step": make_torch_optimizer(torch, weights, adamw)}
 
 
 # ----------------------------------------------------------------------------
@@ -368,7 +420,7 @@ def layer_breakdown(params, config, idx, targets, optimizer_step, repeats):
     return medians, median_ms(steps), called, threads
 
 
-def print_breakdown(result, gemm_seconds, has_optimizer):
+def print_breakdown(result, gemm_seconds):
     """The per-kind table of layer_breakdown's result."""
     print("Where albor's time goes (a second pass: each albor.X_forward / X_backward timed "
           "by a wrapper; median ms per step):")
@@ -379,7 +431,7 @@ def print_breakdown(result, gemm_seconds, has_optimizer):
     medians, step_ms, called, threads = result
     notes = {
         "matmuls": "the rest of forward+backward: GEMMs, residual adds, reshapes",
-        "optimizer": "" if has_optimizer else "not timed: albor.py has no optimizer yet",
+        "optimizer": "clip_grad_norm + AdamW.step",
     }
     for kind in medians:
         if kind not in notes:
@@ -413,13 +465,12 @@ def blas_description():
             for info in threadpool_info()]
 
 
-def print_step_table(albor_times, torch_times, tokens, step_flop, gemm_rate, has_optimizer):
+def print_step_table(albor_times, torch_times, tokens, step_flop, gemm_rate):
     """Medians of each phase for albor (and PyTorch), tokens/s, MFU, and the ratio."""
     columns = [("albor", albor_times)] + ([("PyTorch", torch_times)] if torch_times else [])
     header = "".join(f"{name:>14}" for name, _ in columns) + (f"{'albor/PyTorch':>15}" if torch_times else "")
     print(f"  {'':<22}{header}")
-    phases = ["forward", "backward", "optimizer", "step"] if has_optimizer else ["forward", "backward", "step"]
-    for phase in phases:
+    for phase in ["forward", "backward", "optimizer", "step"]:
         cells = [median_ms(times[phase]) for _, times in columns]
         row = "".join(f"{ms:>11.1f} ms" for ms in cells)
         if torch_times and cells[1] > 0:
@@ -454,8 +505,6 @@ def main(argv=None):
     args, config = parse_args(argv)
     B, T = args.batch_size, args.seq_len
     tokens = B * T
-    torch = import_torch()
-    device = torch_device(torch) if torch is not None else None
 
     print(f"albor bench: {args.config} ({albor.param_count(config):,} parameters), "
           f"micro-batch {B} x {T} = {tokens} tokens, backend {albor.BACKEND}, {os.cpu_count()} CPUs")
@@ -472,60 +521,46 @@ def main(argv=None):
     print()
 
     rng = np.random.default_rng(0)
-    idx_host = rng.integers(0, config.vocab_size, size=(B, T), dtype=np.int64)
-    targets_host = rng.integers(0, config.vocab_size, size=(B, T), dtype=np.int64)
+    idx_host = rng.integers(0, config.vocab_size, size=(B, T), dtype=np.int64)      # (B, T)
+    targets_host = rng.integers(0, config.vocab_size, size=(B, T), dtype=np.int64)  # (B, T)
     idx, targets = albor.xp.asarray(idx_host), albor.xp.asarray(targets_host)
     params = albor.init_params(config, seed=0)
-    optimizer_step, hyper = make_albor_optimizer(params)
-    has_optimizer = optimizer_step is not None
+    optimizer_step, adamw = make_albor_optimizer(params)
+    print(f"Optimizer step (as train.py does it): clip the gradient norm to {GRAD_CLIP}, AdamW lr {LR:g} "
+          f"betas ({adamw.beta1}, {adamw.beta2}) eps {adamw.eps:g} weight decay {adamw.weight_decay} (matrices)")
 
-    torch_weights = torch_optimizer = None
-    if torch is None:
-        print("PyTorch: not installed, so only albor is timed (PyTorch is never required)")
-    elif device is None:
-        print("PyTorch: installed but cannot use the GPU albor runs on, so only albor is timed")
-    else:
-        if device == "cpu":
-            torch.set_num_threads(os.cpu_count())  # as many threads as OpenBLAS uses by default
-        torch_weights = {name: torch.tensor(albor.to_numpy(p), device=device).requires_grad_()
-                         for name, p in params.items()}
-        idx_torch = torch.tensor(idx_host, device=device)
-        targets_torch = torch.tensor(targets_host, device=device)
-        albor_loss, _ = albor.forward(params, config, idx, targets)
-        reference = torch_loss(torch, torch_weights, config, idx_torch, targets_torch).item()
-        difference = abs(albor_loss - reference)
-        print(f"PyTorch {torch.__version__} on {device} ({torch.get_num_threads()} threads): "
-              f"loss {reference:.6f}, albor {albor_loss:.6f}, |difference| {difference:.2e}")
-        if difference > LOSS_TOLERANCE * max(1.0, abs(reference)):
-            raise SystemExit(f"error: albor's loss {albor_loss:.6f} does not match PyTorch's "
-                             f"{reference:.6f}; the timings would not compare the same model")
-        if has_optimizer:
-            torch_optimizer = torch.optim.AdamW(list(torch_weights.values()), **hyper)
+    twin = setup_torch(params, config, idx_host, targets_host, adamw)
     print()
 
     albor_times = {phase: [] for phase in ["forward", "backward", "optimizer", "step"]}
-    torch_times = {phase: [] for phase in albor_times} if torch_weights is not None else None
-    order = "alternating albor and PyTorch" if torch_times else "albor only"
+    torch_times = {phase: [] for phase in albor_times} if twin else None
+    order = "alternating albor and PyTorch" if twin else "albor only"
     print(f"Training step: median of {args.repeats} after {WARMUP_STEPS} warmup, {order}")
     for repeat in range(WARMUP_STEPS + args.repeats):
         phases = albor_step(params, config, idx, targets, optimizer_step)
         if repeat >= WARMUP_STEPS:
             for phase, seconds in phases.items():
                 albor_times[phase].append(seconds)
-        if torch_times is not None:
+        if twin:
             time.sleep(PAUSE_S)
-            phases = torch_step(torch, torch_weights, torch_optimizer, config, idx_torch, targets_torch)
+            phases = torch_step(twin["torch"], twin["weights"], twin["optimizer_step"], config,
+                                twin["idx"], twin["targets"])
             if repeat >= WARMUP_STEPS:
                 for phase, seconds in phases.items():
                     torch_times[phase].append(seconds)
             time.sleep(PAUSE_S)
-    print_step_table(albor_times, torch_times, tokens, step_flop, gemm_rate, has_optimizer)
-    if not has_optimizer:
-        print("  optimizer: not timed yet (albor.py has no AdamW); step = forward + backward")
+    print_step_table(albor_times, torch_times, tokens, step_flop, gemm_rate)
+    if twin:
+        # both took the same updates from the same start: the whole step (optimizer too) agrees
+        albor_loss, _ = albor.forward(params, config, idx, targets)
+        with twin["torch"].no_grad():
+            reference = torch_loss(twin["torch"], twin["weights"], config, twin["idx"], twin["targets"]).item()
+        print(f"  after {WARMUP_STEPS + args.repeats} updates each: loss albor {albor_loss:.6f}, "
+              f"PyTorch {reference:.6f}, |difference| {abs(albor_loss - reference):.2e}")
     print()
 
     result = layer_breakdown(params, config, idx, targets, optimizer_step, args.repeats)
-    print_breakdown(result, gemm_seconds, has_optimizer)
+    print_breakdown(result, gemm_seconds)
     return 0
 
 
