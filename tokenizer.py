@@ -74,7 +74,8 @@ SPLIT_PATTERN = "|".join([
     #    the vocabulary does not spend entries on thousands of whole numbers.
     r"\p{N}{1,3}",
     # 4. A run of punctuation/symbols, optionally after one space, plus any line
-    #    breaks right after it: " = ", "):\n", "()", " #".
+    #    breaks right after it: " = ", "):\n", "()", " #". "_" counts as punctuation
+    #    here (it is not a letter), so "__init__" is "__" "init" "__".
     r" ?[^\s\p{L}\p{N}]++[\r\n]*",
     # 5. Whitespace that ends in a line break: "\n", "\n\n" (blank lines),
     #    "   \n" (trailing spaces). Line structure stays its own token.
