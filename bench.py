@@ -42,6 +42,8 @@ PAUSE_S = 0.2          # pause between albor and PyTorch so each one's idle BLAS
 LOSS_TOLERANCE = 1e-4  # albor's and PyTorch's losses must agree this closely (relative)
 LR = 6e-4              # train.py's default peak learning rate (the timings do not depend on it)
 GRAD_CLIP = 1.0        # train.py's default global gradient-norm clip
+TARGET_MFU = 0.80      # the speed targets albor aims at on a CPU: at least 80% of the
+TARGET_RATIO = 0.9     # GEMM-bound floor, and at most 0.9x PyTorch's step time
 
 # albor's layer functions (X_forward / X_backward) grouped into the kinds reported.
 LAYER_KINDS = {
@@ -62,6 +64,11 @@ def synchronize():
     """Wait for queued GPU work (CuPy runs asynchronously); a no-op on NumPy."""
     if albor.BACKEND == "cupy":
         albor.xp.cuda.get_current_stream().synchronize()
+
+
+def cpu_count():
+    """CPUs this process may run on (what OpenBLAS sizes its thread pool by)."""
+    return len(os.sched_getaffinity(0))
 
 
 def median_ms(seconds):
@@ -316,7 +323,7 @@ def setup_torch(params, config, idx_host, targets_host, adamw):
         print("PyTorch: installed but cannot use the GPU albor runs on, so only albor is timed")
         return None
     if device == "cpu":
-        torch.set_num_threads(os.cpu_count())  # as many threads as OpenBLAS uses by default
+        torch.set_num_threads(cpu_count())  # as many threads as OpenBLAS uses by default
     weights = {name: torch.tensor(albor.to_numpy(p), device=device).requires_grad_()
                for name, p in params.items()}
     idx = torch.tensor(idx_host, device=device)
@@ -458,7 +465,7 @@ def blas_description():
     except ImportError:
         blas = np.show_config(mode="dicts")["Build Dependencies"]["blas"]
         threads = os.environ.get("OPENBLAS_NUM_THREADS") or os.environ.get("OMP_NUM_THREADS")
-        threads = f"{threads} (from the environment)" if threads else f"default, one per CPU ({os.cpu_count()})"
+        threads = f"{threads} (from the environment)" if threads else f"default, one per CPU ({cpu_count()})"
         return [f"numpy's BLAS: {blas['name']} {blas['version']}, threads: {threads} "
                 f"(threadpoolctl not installed, so the live count is not read)"]
     return [f"{info['internal_api']} {info.get('version')}: {info['num_threads']} threads ({info['filepath']})"
@@ -478,7 +485,18 @@ def print_step_table(albor_times, torch_times, tokens, step_flop, gemm_rate):
         print(f"  {phase:<22}{row}")
     steps = [statistics.median(times["step"]) for _, times in columns]
     print(f"  {'tokens/s':<22}" + "".join(f"{tokens / s:>14.0f}" for s in steps))
-    print(f"  {'MFU':<22}" + "".join(f"{100 * step_flop / s / gemm_rate:>13.1f}%" for s in steps))
+    mfus = [step_flop / s / gemm_rate for s in steps]
+    print(f"  {'MFU':<22}" + "".join(f"{100 * mfu:>13.1f}%" for mfu in mfus))
+    print("  MFU = training FLOPs per step / step time / the GEMM mix rate measured above")
+    verdict = lambda met: "met" if met else "NOT met"  # noqa: E731
+    targets = [f"albor MFU >= {100 * TARGET_MFU:.0f}% ({verdict(mfus[0] >= TARGET_MFU)})"]
+    if torch_times:
+        ratio = steps[0] / steps[1]
+        targets.append(f"albor/PyTorch step <= {TARGET_RATIO} ({ratio:.2f}: {verdict(ratio <= TARGET_RATIO)})")
+    print("  targets: " + "; ".join(targets))
+    if max(mfus) > 1.0:
+        print("  note: MFU above 100% means the GEMM rate was measured while the machine was busier "
+              "than during the steps (a shared machine); run again")
 
 
 def parse_args(argv):
@@ -507,7 +525,7 @@ def main(argv=None):
     tokens = B * T
 
     print(f"albor bench: {args.config} ({albor.param_count(config):,} parameters), "
-          f"micro-batch {B} x {T} = {tokens} tokens, backend {albor.BACKEND}, {os.cpu_count()} CPUs")
+          f"micro-batch {B} x {T} = {tokens} tokens, backend {albor.BACKEND}, {cpu_count()} CPUs")
     for line in blas_description():
         print(f"  {line}")
     print()

@@ -33,6 +33,8 @@ def check_albor_figures(out, batch_size, seq_len, repeats):
     assert re.search(r"= \d+\.\d+ GFLOP/s", out)
     assert "6 * params * tokens" in out
     assert f"median of {repeats} after" in out
+    assert "MFU = training FLOPs per step / step time" in out
+    assert "targets: albor MFU >= 80%" in out
     assert "clip the gradient norm to 1.0, AdamW lr" in out
     for label in ["forward", "backward", "optimizer", "step", "tokens/s", "MFU"]:
         assert number_after(f"\n  {label} ", out) > 0
@@ -48,6 +50,7 @@ def test_bench_tiny_with_pytorch(capsys):
     differences = [float(d) for d in re.findall(r"\|difference\| (\S+)\n", out)]
     assert len(differences) == 2 and max(differences) <= 1e-4, differences
     assert "alternating albor and PyTorch" in out
+    assert "albor/PyTorch step <= 0.9" in out
     ratio = re.search(r"\n  step +\d+\.\d ms +\d+\.\d ms +(\d+\.\d+)\n", out)
     assert ratio and float(ratio.group(1)) > 0
 
