@@ -127,22 +127,21 @@ def merge_pair(ids, pair, new_id):
 class Tokenizer:
     """Byte-level BPE: ids 0..255 bytes, 256/257 special, 258+ merges (see module doc).
 
-    `merges` maps a pair of ids to the id it becomes, in the order learned; a
-    merge's position in that order is its rank, and encoding applies merges by
-    rank, exactly as training learned them.
+    `merges` maps a pair of ids to the id it becomes, in the order learned: the
+    n-th merge makes token 258 + n, so a smaller id means an earlier merge, and
+    encoding applies merges in that order, exactly as training learned them.
     """
 
     def __init__(self, merges=None):
         self.merges = dict(merges or {})   # (left id, right id) -> merged id, in learned order
-        self.ranks = {pair: rank for rank, pair in enumerate(self.merges)}
         # token_bytes[id] is what the token decodes to.
         self.token_bytes = [bytes([b]) for b in range(256)]
         self.token_bytes += [name.encode("utf-8") for name in SPECIAL_TOKENS]
         for (left, right), new_id in self.merges.items():
-            if new_id == len(self.token_bytes):
-                self.token_bytes.append(self.token_bytes[left] + self.token_bytes[right])
-            elif new_id > len(self.token_bytes) or max(left, right) >= len(self.token_bytes):
-                raise ValueError(f"merge {(left, right)} -> {new_id} comes before the tokens it needs")
+            if new_id != len(self.token_bytes) or max(left, right) >= new_id:
+                raise ValueError(f"merge {(left, right)} -> {new_id} is out of order "
+                                 f"(the n-th merge must make token 258 + n from earlier tokens)")
+            self.token_bytes.append(self.token_bytes[left] + self.token_bytes[right])
         self.cache = {}                    # chunk -> its ids (encode's cache, per pre-token)
 
     @property
@@ -180,9 +179,11 @@ class Tokenizer:
         when the most frequent pair occurs fewer than `min_frequency` times or no
         pairs are left: then the corpus cannot fill the vocabulary.
 
-        If a merge produces a byte string that is already a token (two different
-        pairs can spell the same bytes, rarely), the merge reuses that token's id,
-        as `tokenizers` does, so every token has one id and one spelling.
+        Every merge makes a byte string that is not yet a token, so each token has
+        one id and one spelling. (Why: the first time bytes s become a token, via
+        A+B, every other span of the same bytes that is still a clean run of whole
+        tokens has been split exactly the same way, since a span's splits depend
+        only on its own bytes, so it is A+B too and is merged at the same moment.)
         """
         if vocab_size < FIRST_MERGE_ID:
             raise ValueError(f"vocab_size must be at least {FIRST_MERGE_ID} (256 bytes + 2 special tokens), got {vocab_size}")
@@ -207,7 +208,6 @@ class Tokenizer:
         heapq.heapify(heap)
 
         tok = cls()
-        id_of_bytes = {b: i for i, b in enumerate(tok.token_bytes)}
         bar = None
         if progress:
             from tqdm import tqdm
@@ -229,16 +229,11 @@ class Tokenizer:
                 break
             heapq.heappop(heap)
 
-            new_bytes = tok.token_bytes[pair[0]] + tok.token_bytes[pair[1]]
-            new_id = id_of_bytes.get(new_bytes)
-            if new_id is None:
-                new_id = tok.vocab_size
-                tok.token_bytes.append(new_bytes)
-                id_of_bytes[new_bytes] = new_id
-                if bar is not None:
-                    bar.update(1)
+            new_id = tok.vocab_size
             tok.merges[pair] = new_id
-            tok.ranks[pair] = len(tok.ranks)
+            tok.token_bytes.append(tok.token_bytes[pair[0]] + tok.token_bytes[pair[1]])
+            if bar is not None:
+                bar.update(1)
 
             # 3. Rewrite the words that contain the pair; move their pair counts.
             changed = set()
@@ -280,8 +275,8 @@ class Tokenizer:
         ids = list(chunk_bytes)
         while len(ids) >= 2:
             pairs = zip(ids, ids[1:])
-            best = min(pairs, key=lambda pair: self.ranks.get(pair, float("inf")))
-            if best not in self.ranks:
+            best = min(pairs, key=lambda pair: self.merges.get(pair, float("inf")))
+            if best not in self.merges:
                 break                          # no learned merge applies any more
             ids = merge_pair(ids, best, self.merges[best])
         return ids
@@ -423,12 +418,10 @@ class Tokenizer:
             require(left in vocab and right in vocab and left + right in vocab,
                     f"merge {entry!r} uses or makes a token not in the vocab")
             merges[(vocab[left], vocab[right])] = vocab[left + right]
-        tok = cls(merges)
+        require(len(merges) == len(merge_list), "a merge is listed twice")
+        tok = cls(merges)                  # raises if the n-th merge does not make token 258 + n
         require(tok.vocab_size == len(vocab),
                 f"the merges make {tok.vocab_size} tokens but the vocab lists {len(vocab)}")
-        for i in range(FIRST_MERGE_ID, tok.vocab_size):
-            spelled = "".join(byte_char[b] for b in tok.token_bytes[i])
-            require(vocab.get(spelled) == i, f"token {i} is not the merge that makes it (merges out of order?)")
         return tok
 
 

@@ -126,6 +126,7 @@ def test_fast_trainer_equals_reference_with_many_ties():
         fast = Tokenizer.train(texts, 10_000, min_frequency=min_frequency)
         assert list(fast.merges.items()) == list(reference_train(texts, 10_000, min_frequency).items())
         assert len(fast.merges) > 30
+        assert len(set(fast.token_bytes)) == fast.vocab_size      # no two tokens spell the same bytes
 
 
 def test_merge_counts_respect_min_frequency_and_vocab_size():
