@@ -620,7 +620,6 @@ import os
 import numpy as np
 from safetensors import SafetensorError
 from safetensors.numpy import load_file as _safetensors_load_file
-from safetensors.numpy import save_file as _safetensors_save_file
 
 
 def is_decayed(name, shape):
@@ -898,10 +897,29 @@ def _temporary_name(path):
 
 
 def _write_safetensors(tmp, tensors, metadata):
-    """Write tensors (as float32 host arrays) to the file tmp and flush it to disk."""
-    host = {name: np.ascontiguousarray(to_numpy(a), dtype=np.float32) for name, a in tensors.items()}
-    _safetensors_save_file(host, tmp, metadata={k: str(v) for k, v in metadata.items()})
-    with open(tmp, "rb") as f:
+    """Write float32 tensors to the file tmp in the safetensors format, and flush it to disk.
+
+    The format is simple enough to write by hand (and so the bytes are the same on every run,
+    which the library, storing the metadata in a hash map, does not promise):
+        8 bytes   N, the header's length, little-endian
+        N bytes   JSON: {"__metadata__": {str: str}, name: {"dtype": "F32", "shape": [...],
+                  "data_offsets": [begin, end]}, ...}, padded with spaces to a multiple of 8
+        the raw little-endian data of each tensor, back to back, at those offsets
+    """
+    host = {name: np.ascontiguousarray(to_numpy(a), dtype="<f4") for name, a in tensors.items()}
+    header = {"__metadata__": {key: str(value) for key, value in metadata.items()}}
+    offset = 0
+    for name, a in host.items():
+        header[name] = {"dtype": "F32", "shape": list(a.shape), "data_offsets": [offset, offset + a.nbytes]}
+        offset += a.nbytes
+    header_bytes = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    header_bytes += b" " * (-len(header_bytes) % 8)
+    with open(tmp, "wb") as f:
+        f.write(len(header_bytes).to_bytes(8, "little"))
+        f.write(header_bytes)
+        for a in host.values():
+            f.write(a.data)
+        f.flush()
         os.fsync(f.fileno())
 
 

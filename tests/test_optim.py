@@ -310,22 +310,34 @@ def test_checkpoint_is_a_hugging_face_llama_folder(saved):
         assert "lm_head.weight" not in f.keys()
 
 
+def test_safetensors_written_by_hand_read_back_by_the_library_and_are_deterministic(saved, tmp_path):
+    folder, config, params, optimizer = saved
+    from safetensors.numpy import load_file
+    loaded = load_file(folder / "model.safetensors")
+    assert set(loaded) == set(params)
+    for name in params:
+        np.testing.assert_array_equal(loaded[name], albor.to_numpy(params[name]))
+    albor.save_checkpoint(tmp_path / "again", config, params, optimizer, step=2, extra_files={"notes.json": b"{}\n"})
+    for name in ("model.safetensors", "optimizer.safetensors"):
+        assert (tmp_path / "again" / name).read_bytes() == (folder / name).read_bytes()
+
+
 def test_save_is_atomic_when_interrupted(saved, monkeypatch):
     folder, config, params, optimizer = saved
     before = {name: (folder / name).read_bytes() for name in os.listdir(folder)}
     changed = {n: p + 1 for n, p in params.items()}
-    real_save = albor._safetensors_save_file
+    real_write = albor._write_safetensors
     calls = []
 
-    def crash_on_second_file(tensors, path, metadata=None):
-        calls.append(path)
+    def crash_on_second_file(tmp, tensors, metadata):
+        calls.append(tmp)
         if len(calls) == 2:          # the model file is staged, the optimizer file is half written
-            with open(path, "wb") as f:
+            with open(tmp, "wb") as f:
                 f.write(b"partial")
             raise KeyboardInterrupt
-        return real_save(tensors, path, metadata=metadata)
+        return real_write(tmp, tensors, metadata)
 
-    monkeypatch.setattr(albor, "_safetensors_save_file", crash_on_second_file)
+    monkeypatch.setattr(albor, "_write_safetensors", crash_on_second_file)
     with pytest.raises(KeyboardInterrupt):
         albor.save_checkpoint(folder, config, changed, optimizer, step=3)
     assert {name: (folder / name).read_bytes() for name in os.listdir(folder)} == before  # untouched, no temp files

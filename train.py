@@ -1,0 +1,790 @@
+"""Train albor on Python code: `python train.py --rows 500`.
+
+What a run does, in the order of the functions below:
+
+1. Settings: the command line (defaults = the model card's run). `--resume DIR`
+   continues a saved run with its saved settings; `--init DIR` starts a new run
+   from a checkpoint's weights. Both take the model's shape from DIR/config.json.
+2. Data: the documents of a corpus (default: the .py files of this Python's
+   standard library, no download needed), in sorted order, then shuffled with
+   --seed. The first --val-rows documents are held out for validation, the next
+   --rows are the training rows. One document is one row: tokenized,
+   <|endoftext|> appended, cut to --seq-len + 1 tokens, padded with <|pad|>.
+   A row of T + 1 tokens gives T inputs and T targets (the same row shifted by
+   one); targets that are padding are set to IGNORE_INDEX, so the loss skips them.
+3. Tokenizer: --tokenizer FILE, or one trained on the corpus's first 100K lines
+   (vocabulary = the config's vocab_size) on first use, cached in a
+   `tokenizers/` folder next to the run folder.
+4. Model and optimizer from albor.py: init_params, AdamW, lr_at (linear warmup,
+   cosine decay), clip_grad_norm.
+5. The loop: each optimizer step runs --grad-accum micro-batches of
+   --batch-size rows, adds up their gradients (each weighted by its share of
+   the step's non-pad tokens, so the step's loss is the mean over all of them),
+   clips the global norm, takes an AdamW step and logs a line to metrics.jsonl.
+6. At the end: validation loss, a summary, and the checkpoint.
+
+The run folder (--out, default checkpoints/<config>):
+    model.safetensors, config.json, tokenizer.json   a Hugging Face LlamaForCausalLM folder
+    optimizer.safetensors, trainer_state.json        what --resume needs
+    metrics.jsonl                                    one JSON line per optimizer step
+    final_model.json                                 losses, timing and provenance of the run
+
+Ctrl-C stops after the current step and saves a checkpoint that --resume
+continues exactly (same final weights, byte for byte, as a run never stopped).
+"""
+import argparse
+import hashlib
+import json
+import math
+import os
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+import albor
+from tokenizer import EOT_ID, PAD_ID, Tokenizer, stdlib_python_files
+
+TOKENIZER_LINES = 100_000     # a tokenizer trained here sees the corpus's first 100K lines
+PREFIX_CHARS_PER_TOKEN = 32   # a row needs only a document's first tokens: encode a prefix this
+                              # many characters per token long (cut at a line end), not the whole file
+TRAINER_STATE = "trainer_state.json"
+FINAL_MODEL = "final_model.json"
+METRICS = "metrics.jsonl"
+TOKENIZER_FILE = "tokenizer.json"
+
+
+class RunError(Exception):
+    """A problem with the run's input; main() prints it as one line and exits with status 1."""
+
+
+# -----------------------------------------------------------------------------
+# 1. Settings
+
+DEFAULTS = {   # the model card's run
+    "config": "albor-base-50m", "data": None, "rows": 500, "val_rows": 50, "seq_len": 128,
+    "batch_size": 4, "grad_accum": 4, "max_steps": None, "lr": 6e-4, "min_lr": None,
+    "warmup": None, "beta1": 0.9, "beta2": 0.95, "eps": 1e-8, "weight_decay": 0.1,
+    "grad_clip": 1.0, "seed": 0, "out": None, "resume": None, "init": None, "tokenizer": None,
+    "save_every": 0,
+}
+# With --resume these define the rows a step reads; changing them would not continue the run.
+DATA_SETTINGS = ("data", "rows", "val_rows", "seq_len", "seed")
+
+
+def build_parser():
+    """The command line. Defaults live in DEFAULTS (argparse keeps them out of the namespace,
+    so main() can tell the flags given on the command line from the defaults)."""
+    parser = argparse.ArgumentParser(
+        prog="train.py", argument_default=argparse.SUPPRESS,
+        description="Train albor (a LLaMA-style model, NumPy on the CPU, CuPy on a GPU) on code. "
+                    "The defaults are the model card's run: albor-base-50m, 500 rows of 128 tokens "
+                    "of the Python standard library, 31 optimizer steps.",
+        epilog="examples:\n"
+               "  python train.py --rows 500                         the model card's run\n"
+               "  python train.py --config tiny --rows 200 --out runs/tiny\n"
+               "  python train.py --resume checkpoints/albor-base-50m --max-steps 100\n"
+               "  python train.py --init checkpoints/albor-base-50m --data my_code/ --out runs/ft",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+
+    def flag(name, help, **kwargs):
+        default = DEFAULTS[name.lstrip("-").replace("-", "_")]
+        if default is not None:
+            help += f" (default: {default})"
+        parser.add_argument(name, help=help, **kwargs)
+
+    flag("--config", f"model preset: {', '.join(albor.PRESETS)}; with --resume/--init the model's "
+                     "shape comes from the checkpoint and a different --config is an error")
+    flag("--data", "training text: a folder (every file in it, one row each), a .txt file (one "
+                   "row per blank-line-separated block) or a .jsonl file (one row per line's "
+                   "\"text\"); default: the .py files of this Python's standard library",
+         metavar="PATH")
+    flag("--rows", "training rows (documents); one pass over them is the default run length",
+         type=int, metavar="N")
+    flag("--val-rows", "documents held out for the validation loss (0: none)", type=int, metavar="N")
+    flag("--seq-len", "tokens per row seen by the model (rows are cut to this + 1 and padded)",
+         type=int, metavar="T")
+    flag("--batch-size", "rows per micro-batch (one forward + backward)", type=int, metavar="B")
+    flag("--grad-accum", "micro-batches per optimizer step (their gradients are summed)",
+         type=int, metavar="N")
+    flag("--max-steps", "optimizer steps; default: one pass over the training rows "
+                        "(rows // (batch-size * grad-accum)); more passes reshuffle the rows",
+         type=int, metavar="N")
+    flag("--lr", "peak learning rate", type=float)
+    flag("--min-lr", "learning-rate floor the cosine decays to; default: lr / 10", type=float)
+    flag("--warmup", "linear warmup steps (0: start at the peak); default: 10%% of the steps, "
+                     "at most 100", type=int, metavar="N")
+    flag("--beta1", "AdamW beta1 (first-moment decay)", type=float)
+    flag("--beta2", "AdamW beta2 (second-moment decay)", type=float)
+    flag("--eps", "AdamW epsilon", type=float)
+    flag("--weight-decay", "AdamW decoupled weight decay, applied to the weight matrices (and the "
+                           "tied embedding), not to the norm weights", type=float)
+    flag("--grad-clip", "clip the global gradient norm to this (0: no clipping)", type=float)
+    flag("--seed", "seed of the weights' init and of the data order", type=int)
+    flag("--out", "run folder for the checkpoint and logs; default: checkpoints/<config>, or the "
+                  "--resume folder", metavar="DIR")
+    flag("--resume", "continue the run saved in DIR: weights, optimizer, data position and settings "
+                     "(flags given now override the saved ones, except the data's)", metavar="DIR")
+    flag("--init", "start from the weights in checkpoint folder DIR, with a fresh optimizer",
+         metavar="DIR")
+    flag("--tokenizer", "tokenizer.json to use; default: the checkpoint's with --resume/--init, "
+                        "else one trained on the corpus (cached)", metavar="FILE")
+    flag("--save-every", "also save a checkpoint every N steps (0: only at the end and on Ctrl-C)",
+         type=int, metavar="N")
+    return parser
+
+
+def parse_settings(argv):
+    """(settings dict, names of the flags given on the command line); bad values -> parser.error."""
+    parser = build_parser()
+    given = vars(parser.parse_args(argv))
+    args = {**DEFAULTS, **given}
+    checks = [
+        (args["rows"] >= 1, "--rows must be at least 1"),
+        (args["val_rows"] >= 0, "--val-rows must be 0 or more"),
+        (args["seq_len"] >= 1, "--seq-len must be at least 1"),
+        (args["batch_size"] >= 1, "--batch-size must be at least 1"),
+        (args["grad_accum"] >= 1, "--grad-accum must be at least 1"),
+        (args["max_steps"] is None or args["max_steps"] >= 1, "--max-steps must be at least 1"),
+        (args["lr"] > 0, "--lr must be positive"),
+        (args["min_lr"] is None or 0 <= args["min_lr"] <= args["lr"], "--min-lr must lie in [0, --lr]"),
+        (args["warmup"] is None or args["warmup"] >= 0, "--warmup must be 0 or more"),
+        (0 <= args["beta1"] < 1, "--beta1 must lie in [0, 1)"),
+        (0 <= args["beta2"] < 1, "--beta2 must lie in [0, 1)"),
+        (args["eps"] > 0, "--eps must be positive"),
+        (args["weight_decay"] >= 0, "--weight-decay must be 0 or more"),
+        (args["grad_clip"] >= 0, "--grad-clip must be 0 or more"),
+        (args["save_every"] >= 0, "--save-every must be 0 or more"),
+        (args["config"] in albor.PRESETS, f"--config {args['config']!r} is not a preset; "
+                                          f"choose from {', '.join(albor.PRESETS)}"),
+        (not (args["resume"] and args["init"]), "--resume and --init exclude each other"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            parser.error(message)
+    for name in ("lr", "min_lr", "beta1", "beta2", "eps", "weight_decay", "grad_clip"):
+        if args[name] is not None and not math.isfinite(args[name]):
+            parser.error(f"--{name.replace('_', '-')} must be a finite number")
+    return args, set(given)
+
+
+def read_json(path, what):
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise RunError(f"{path}: file not found ({what})") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise RunError(f"{path}: cannot read {what}: {e}") from None
+
+
+def merge_resumed_settings(args, given):
+    """With --resume: the saved run's settings, overridden by the flags given now.
+
+    Flags that decide which rows a step reads (DATA_SETTINGS) cannot change: that
+    would not be the same run any more (start a new one from the weights with --init).
+    """
+    state = read_json(os.path.join(args["resume"], TRAINER_STATE), "the saved run's state")
+    saved = state.get("args")
+    if not isinstance(saved, dict) or "step" not in state:
+        raise RunError(f"{os.path.join(args['resume'], TRAINER_STATE)}: not a trainer state (no args/step)")
+    for name in DATA_SETTINGS:
+        if name in given and args[name] != saved.get(name):
+            raise RunError(f"--{name.replace('_', '-')} {args[name]} differs from the resumed run's "
+                           f"{saved.get(name)}: --resume continues that run on its data "
+                           "(use --init to train these weights on other data)")
+    merged = {**DEFAULTS, **saved}
+    for name in given:
+        if name not in DATA_SETTINGS and merged.get(name) != args[name]:
+            if name not in ("resume", "out", "config", "tokenizer") and name in saved:
+                print(f"note: --{name.replace('_', '-')} {args[name]} (the saved run had {saved[name]})")
+            merged[name] = args[name]
+    merged["resume"] = args["resume"]
+    merged["init"] = None
+    merged["out"] = args["out"] if "out" in given else args["resume"]
+    return merged, state
+
+
+# -----------------------------------------------------------------------------
+# 2. Data
+
+
+class Corpus:
+    """A corpus's documents in a fixed order, read only when asked for.
+
+    data None: the standard library's .py files; a folder: every file under it
+    (sorted paths); a .txt: its blank-line-separated blocks; a .jsonl: the "text"
+    field of each line. Files that cannot be read or are not UTF-8, and .jsonl
+    lines that are not JSON objects with a string "text", are skipped and counted.
+    """
+
+    def __init__(self, data):
+        self.skipped = 0      # unreadable / not UTF-8 files, malformed .jsonl lines
+        if data is None:
+            self.description = f"Python {sys.version.split()[0]} standard library (.py files)"
+            self.items = stdlib_python_files()
+            return
+        path = Path(data)
+        self.description = str(path)
+        if path.is_dir():
+            self.items = sorted(p for p in path.rglob("*") if p.is_file())
+        elif path.suffix == ".jsonl":
+            self.items = []
+            for line in self._read_text(path).splitlines():
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                    self.items.append(record["text"] if isinstance(record["text"], str) else None)
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    self.items.append(None)
+        elif path.suffix == ".txt":
+            text = self._read_text(path)
+            self.items = [block for block in text.replace("\r\n", "\n").split("\n\n") if block.strip()]
+        elif path.exists():
+            raise RunError(f"--data {data}: expected a folder, a .txt or a .jsonl file")
+        else:
+            raise RunError(f"--data {data}: no such file or folder")
+
+    @staticmethod
+    def _read_text(path):
+        try:
+            return path.read_bytes().decode("utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise RunError(f"--data {path}: cannot read it as UTF-8 text ({type(e).__name__})") from None
+
+    def read(self, index):
+        """Document `index` as a str, or None if it cannot be used (counted in self.skipped)."""
+        item = self.items[index]
+        if isinstance(item, Path):
+            try:
+                item = item.read_bytes().decode("utf-8")
+            except (OSError, UnicodeDecodeError):
+                item = None
+        if item is None:
+            self.skipped += 1
+        return item
+
+    def documents(self, order):
+        """Yield the non-blank documents in the given order of indices."""
+        for index in order:
+            text = self.read(index)
+            if text is not None and text.strip():
+                yield text
+
+    def first_lines(self, max_lines):
+        """The corpus's first max_lines lines (in sorted order), as one text per document."""
+        texts = []
+        for text in self.documents(range(len(self.items))):
+            lines = text.splitlines(keepends=True)[:max_lines]
+            texts.append("".join(lines))
+            max_lines -= len(lines)
+            if max_lines <= 0:
+                break
+        return texts
+
+
+def take_documents(corpus, args):
+    """(validation texts, training texts): the first --val-rows + --rows documents of the
+    corpus shuffled with --seed (the validation ones first, so they never change with --rows)."""
+    order = np.random.default_rng(args["seed"]).permutation(len(corpus.items))
+    wanted = args["val_rows"] + args["rows"]
+    texts = []
+    for text in corpus.documents(order):
+        texts.append(text)
+        if len(texts) == wanted:
+            break
+    if not texts:
+        raise RunError(f"no usable text in {corpus.description} ({corpus.skipped} files or lines "
+                       "skipped: unreadable or not UTF-8)")
+    if len(texts) - args["val_rows"] < args["batch_size"]:
+        raise RunError(f"{corpus.description} has {len(texts)} usable documents: after --val-rows "
+                       f"{args['val_rows']} that is fewer than one batch of --batch-size "
+                       f"{args['batch_size']} rows")
+    if len(texts) < wanted:
+        print(f"note: {corpus.description} has only {len(texts)} usable documents: "
+              f"{len(texts) - args['val_rows']} training rows instead of {args['rows']}")
+    return texts[:args["val_rows"]], texts[args["val_rows"]:]
+
+
+def encode_row(tok, text, seq_len):
+    """A document as one row of seq_len + 1 ids: its first tokens, <|endoftext|>, then padding.
+
+    Example (seq_len 7, "x = 1\\n" as 4 tokens a b c d): [a, b, c, d, EOT, PAD, PAD, PAD].
+    Only the first seq_len + 1 tokens are kept, so only a prefix of a long document
+    is encoded (cut at a line end far beyond them: encoding splits text into pieces
+    that are encoded independently, so the kept tokens are the same).
+    """
+    n = seq_len + 1
+    prefix = text
+    if len(text) > PREFIX_CHARS_PER_TOKEN * n:
+        line_end = text.rfind("\n", 0, PREFIX_CHARS_PER_TOKEN * n)
+        prefix = text[:line_end + 1] if line_end > 0 else text[:PREFIX_CHARS_PER_TOKEN * n]
+    ids = tok.encode(prefix)
+    if len(ids) < n and len(prefix) < len(text):
+        ids = tok.encode(text)                     # the prefix was not enough: the whole document
+    ids = (ids + [EOT_ID])[:n]
+    return ids + [PAD_ID] * (n - len(ids))
+
+
+def make_rows(tok, texts, seq_len):
+    """(inputs, targets), both (N, seq_len) int32: targets are inputs shifted by one,
+    IGNORE_INDEX where the target is padding."""
+    rows = np.array([encode_row(tok, text, seq_len) for text in texts], dtype=np.int32).reshape(-1, seq_len + 1)
+    inputs = np.ascontiguousarray(rows[:, :-1])
+    targets = rows[:, 1:].copy()
+    targets[targets == PAD_ID] = albor.IGNORE_INDEX
+    return inputs, targets
+
+
+def micro_batch_rows(step, micro, args, n_rows):
+    """Indices of the rows in micro-batch `micro` (0-based) of optimizer step `step` (1-based).
+
+    A pure function of the step, so a resumed run reads exactly the rows the
+    uninterrupted run would have: micro-batch k = (step - 1) * grad_accum + micro
+    of the whole run falls in pass (epoch) k // per_pass over the rows, each pass
+    in its own order drawn from (seed, pass).
+    """
+    batch_size = args["batch_size"]
+    k = (step - 1) * args["grad_accum"] + micro
+    per_pass = n_rows // batch_size
+    epoch, position = divmod(k, per_pass)
+    order = np.random.default_rng([args["seed"], epoch]).permutation(n_rows)
+    return order[position * batch_size:(position + 1) * batch_size]
+
+
+def sha256_hex(data):
+    return hashlib.sha256(data).hexdigest()
+
+
+# -----------------------------------------------------------------------------
+# 3. Tokenizer
+
+
+def get_tokenizer(args, config, corpus, source_folder):
+    """(Tokenizer, its tokenizer.json bytes, where it came from).
+
+    --tokenizer FILE; else the checkpoint folder's (--resume/--init); else the one
+    trained on this corpus's first TOKENIZER_LINES lines with vocab_size tokens,
+    cached in <out>/../tokenizers/ under a name derived from that text and size.
+    """
+    if args["tokenizer"]:
+        path = Path(args["tokenizer"])
+        origin = str(path)
+    elif source_folder:
+        path = Path(source_folder) / TOKENIZER_FILE
+        origin = str(path)
+    else:
+        texts = corpus.first_lines(TOKENIZER_LINES)
+        if not texts:
+            raise RunError(f"no usable text in {corpus.description} to train a tokenizer on")
+        key = hashlib.sha256(f"vocab_size={config.vocab_size}\n".encode())
+        for text in texts:
+            key.update(text.encode("utf-8"))
+            key.update(b"\0")
+        path = Path(args["out"]).parent / "tokenizers" / f"tokenizer-{config.vocab_size}-{key.hexdigest()[:16]}.json"
+        if path.is_file():
+            origin = f"{path} (cached)"
+        else:
+            started = time.perf_counter()
+            lines = sum(text.count("\n") for text in texts)
+            print(f"training a {config.vocab_size:,}-token tokenizer on the first {lines:,} lines of "
+                  f"{corpus.description} ...")
+            tok = Tokenizer.train(texts, config.vocab_size, progress=True)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            albor.atomic_write_bytes(path, tokenizer_bytes(tok))
+            origin = f"{path} (trained in {time.perf_counter() - started:.1f} s)"
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise RunError(f"{path}: cannot read the tokenizer ({e.strerror})") from None
+    try:
+        tok = Tokenizer.load(path)
+    except ValueError as e:
+        raise RunError(str(e).splitlines()[0]) from None
+    if tok.vocab_size > config.vocab_size:
+        raise RunError(f"{path}: the tokenizer has {tok.vocab_size:,} tokens, more than the model's "
+                       f"vocab_size {config.vocab_size:,}: every id must fit")
+    return tok, data, origin
+
+
+def tokenizer_bytes(tok):
+    return (json.dumps(tok.to_json(), ensure_ascii=False, indent=2) + "\n").encode("utf-8")
+
+
+# -----------------------------------------------------------------------------
+# 5. The loop's helpers: timing, Ctrl-C, evaluation
+
+
+def synchronize():
+    """Wait for queued GPU work (CuPy runs asynchronously) so clocks measure it; no-op on NumPy."""
+    if albor.BACKEND == "cupy":
+        albor.xp.cuda.get_current_stream().synchronize()
+
+
+class LayerClock:
+    """Adds up the time spent in albor's layer functions (attention_*, rmsnorm_*, ...).
+
+    While active, albor.X_forward / albor.X_backward are replaced by timed
+    wrappers (albor's forward and backward call them through module globals).
+    Whatever forward + backward time lies outside them is the matmuls (with the
+    residual adds and reshapes). CPU only: on a GPU the wrappers would have to
+    wait for the GPU at every layer, so there only whole phases are timed.
+    """
+
+    KINDS = {"attention": "attention", "embedding": "other", "rmsnorm": "other",
+             "rope": "other", "swiglu": "other", "cross_entropy": "other"}
+
+    def __init__(self):
+        self.seconds = {"attention": 0.0, "other": 0.0}
+        self.originals = {}
+        if albor.BACKEND == "numpy":
+            for layer in self.KINDS:
+                for direction in ("forward", "backward"):
+                    name = f"{layer}_{direction}"
+                    if hasattr(albor, name):
+                        self.originals[name] = getattr(albor, name)
+        self.inside = False
+
+    def wrap(self, fn, kind):
+        def timed(*args, **kwargs):
+            if self.inside:                      # a layer called by a timed layer counts once
+                return fn(*args, **kwargs)
+            self.inside = True
+            start = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.seconds[kind] += time.perf_counter() - start
+                self.inside = False
+        return timed
+
+    def __enter__(self):
+        for name, fn in self.originals.items():
+            setattr(albor, name, self.wrap(fn, self.KINDS[name.rsplit("_", 1)[0]]))
+        return self
+
+    def __exit__(self, *exc):
+        for name, fn in self.originals.items():
+            setattr(albor, name, fn)
+
+
+class StopRequest:
+    """Ctrl-C: the first one lets the current step finish, then the run saves a
+    resumable checkpoint and exits; a second one quits at once (the last saved
+    checkpoint stays as it was: saves are atomic)."""
+
+    def __init__(self):
+        self.requested = False
+
+    def __call__(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        tqdm.write("Ctrl-C: stopping after this step and saving a checkpoint "
+                   "(press Ctrl-C again to quit without saving)")
+
+
+class Diverged(Exception):
+    """A non-finite loss or gradient norm."""
+
+
+def evaluate(params, config, inputs, targets, batch_size):
+    """Mean loss over all non-pad target tokens of (inputs, targets), or None for no rows."""
+    total, count = 0.0, 0
+    for start in range(0, len(inputs), batch_size):
+        idx = albor.xp.asarray(inputs[start:start + batch_size])
+        tgt = albor.xp.asarray(targets[start:start + batch_size])
+        n_valid = int((targets[start:start + batch_size] != albor.IGNORE_INDEX).sum())
+        loss, cache = albor.forward(params, config, idx, tgt)
+        del cache
+        total += loss * n_valid
+        count += n_valid
+    return total / count if count else None
+
+
+def perplexity(loss):
+    return math.exp(min(loss, 700.0)) if loss is not None else None
+
+
+# -----------------------------------------------------------------------------
+# The run
+
+
+def main(argv=None):
+    try:
+        return run(argv)
+    except (RunError, albor.CheckpointError) as e:
+        raise SystemExit(f"train.py: error: {e}") from None
+
+
+def run(argv):
+    wall_start = time.perf_counter()
+    args, given = parse_settings(argv)
+    state = None
+
+    # --- model shape and starting weights --------------------------------------------------
+    source_folder = args["resume"] or args["init"]
+    if args["resume"]:
+        args, state = merge_resumed_settings(args, given)
+    if source_folder:
+        config = albor.load_config(source_folder)
+        if "config" in given and albor.get_config(args["config"]) != config:
+            raise RunError(f"--config {args['config']} contradicts {os.path.join(source_folder, 'config.json')} "
+                           "(the model's shape comes from the checkpoint; drop --config)")
+        name = os.path.basename(os.path.normpath(source_folder))
+        config_name = next((n for n, c in albor.PRESETS.items() if c == config), name)
+    else:
+        config = albor.get_config(args["config"])
+        config_name = args["config"]
+    args["config"] = config_name
+    if args["out"] is None:
+        args["out"] = os.path.join("checkpoints", config_name)
+    out = args["out"]
+    if args["seq_len"] > config.max_position_embeddings:
+        raise RunError(f"--seq-len {args['seq_len']} exceeds the model's max_position_embeddings "
+                       f"{config.max_position_embeddings}")
+
+    # --- data and tokenizer ----------------------------------------------------------------
+    corpus = Corpus(args["data"])
+    tok, tok_data, tok_origin = get_tokenizer(args, config, corpus, source_folder)
+    if args["resume"] and args["tokenizer"]:
+        saved_tok = (Path(args["resume"]) / TOKENIZER_FILE).read_bytes()
+        if sha256_hex(saved_tok) != sha256_hex(tok_data):
+            raise RunError(f"--tokenizer {args['tokenizer']} is not the tokenizer of the resumed run "
+                           f"({os.path.join(args['resume'], TOKENIZER_FILE)})")
+    data_start = time.perf_counter()
+    val_texts, train_texts = take_documents(corpus, args)
+    train_inputs, train_targets = make_rows(tok, train_texts, args["seq_len"])
+    val_inputs, val_targets = make_rows(tok, val_texts, args["seq_len"])
+    data_seconds = time.perf_counter() - data_start
+    n_train = len(train_inputs)
+    steps_per_pass = max(1, n_train // (args["batch_size"] * args["grad_accum"]))
+    max_steps = args["max_steps"] or steps_per_pass
+    warmup = args["warmup"] if args["warmup"] is not None else albor.default_warmup(max_steps)
+    min_lr = args["min_lr"] if args["min_lr"] is not None else args["lr"] / 10
+    provenance = {
+        "data": corpus.description,
+        "train_rows": n_train, "val_rows": len(val_inputs),
+        "train_rows_sha256": sha256_hex(np.ascontiguousarray(train_inputs).tobytes()
+                                        + np.ascontiguousarray(train_targets).tobytes()),
+        "val_rows_sha256": sha256_hex(val_inputs.tobytes() + val_targets.tobytes()),
+        "tokenizer_sha256": sha256_hex(tok_data),
+        "config_sha256": sha256_hex(json.dumps(albor.config_to_hf(config), sort_keys=True).encode()),
+        "skipped_documents": corpus.skipped,
+    }
+
+    # --- parameters and optimizer ----------------------------------------------------------
+    loss_curve, timing = [], {}
+    if args["resume"]:
+        _, params, start_step = albor.load_checkpoint(args["resume"])
+        if start_step != state["step"]:
+            raise RunError(f"{os.path.join(args['resume'], TRAINER_STATE)} is at step {state['step']} but "
+                           f"model.safetensors at step {start_step} (an interrupted save?)")
+        saved_provenance = state.get("provenance", {})
+        if saved_provenance.get("train_rows_sha256") != provenance["train_rows_sha256"]:
+            raise RunError(f"the training rows differ from those of the run saved in {args['resume']} "
+                           "(has the data changed?); --resume needs the same rows")
+        optimizer = albor.load_optimizer(args["resume"], params, step=start_step)
+        optimizer.beta1, optimizer.beta2 = args["beta1"], args["beta2"]
+        optimizer.eps, optimizer.weight_decay = args["eps"], args["weight_decay"]
+        loss_curve = list(state.get("loss_curve", []))[:start_step]
+        timing = dict(state.get("timing", {}))
+    else:
+        start_step = 0
+        if args["init"]:
+            _, params, _ = albor.load_checkpoint(args["init"])
+        else:
+            params = albor.init_params(config, seed=args["seed"])
+        optimizer = albor.AdamW(params, betas=(args["beta1"], args["beta2"]), eps=args["eps"],
+                                weight_decay=args["weight_decay"])
+
+    print(f"albor {config_name}: {albor.param_count(config):,} parameters on {albor.BACKEND}; "
+          f"data: {corpus.description}")
+    print(f"tokenizer: {tok_origin}, {tok.vocab_size:,} tokens")
+    tokens_per_step = args["batch_size"] * args["grad_accum"] * args["seq_len"]
+    print(f"{n_train} training rows, {len(val_inputs)} validation rows, {args['seq_len']} tokens each "
+          f"({int((train_targets != albor.IGNORE_INDEX).sum()):,} non-pad training targets); "
+          f"{max_steps} steps of {args['grad_accum']} x {args['batch_size']} rows "
+          f"(one pass = {steps_per_pass} steps); lr {args['lr']:g} warmup {warmup} min-lr {min_lr:g}")
+    if start_step:
+        print(f"resuming {args['resume']} at step {start_step}")
+    if start_step >= max_steps:
+        print(f"note: the run is already at step {start_step} of {max_steps}; nothing to train")
+
+    # --- metrics log: the resumed run's lines up to its step, then ours ----------------------
+    os.makedirs(out, exist_ok=True)
+    old_lines = []
+    if args["resume"] and os.path.exists(os.path.join(args["resume"], METRICS)):
+        with open(os.path.join(args["resume"], METRICS), encoding="utf-8") as f:
+            for line in f:
+                try:
+                    if json.loads(line)["step"] <= start_step:
+                        old_lines.append(line if line.endswith("\n") else line + "\n")
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    pass   # a line cut by a crash
+    albor.atomic_write_bytes(os.path.join(out, METRICS), "".join(old_lines).encode("utf-8"))
+
+    last_saved = start_step if args["resume"] and os.path.abspath(out) == os.path.abspath(args["resume"]) else None
+
+    def save(step, val_loss=None, finished=False):
+        """Write the checkpoint (atomically) for the state after `step` optimizer steps."""
+        nonlocal last_saved
+        save_start = time.perf_counter()
+        trainer_state = {"step": step, "args": args, "loss_curve": loss_curve,
+                         "timing": timing, "provenance": provenance}
+        final_model = {
+            "config": config_name, "finished": finished, "steps": step, "max_steps": max_steps,
+            "final_loss": loss_curve[-1] if loss_curve else None,
+            "best_loss": min(loss_curve) if loss_curve else None,
+            "perplexity": perplexity(loss_curve[-1]) if loss_curve else None,
+            "val_loss": val_loss, "val_perplexity": perplexity(val_loss),
+            "loss_curve": loss_curve, "tokens": step * tokens_per_step,
+            "timing": timing, "provenance": provenance, "args": args,
+        }
+        extra = {TOKENIZER_FILE: tok_data,
+                 TRAINER_STATE: (json.dumps(trainer_state, indent=1) + "\n").encode(),
+                 FINAL_MODEL: (json.dumps(final_model, indent=1) + "\n").encode()}
+        albor.save_checkpoint(out, config, params, optimizer, step=step, extra_files=extra)
+        last_saved = step
+        timing["save_seconds"] = timing.get("save_seconds", 0.0) + time.perf_counter() - save_start
+
+    # --- the loop ----------------------------------------------------------------------------
+    for key in ("train_seconds", "forward_seconds", "backward_seconds", "optimizer_seconds",
+                "attention_seconds", "other_layers_seconds", "data_seconds"):
+        timing.setdefault(key, 0.0)
+    timing["data_seconds"] += data_seconds
+    stop = StopRequest()
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous_handler = signal.signal(signal.SIGINT, stop) if in_main_thread else None
+    step = start_step
+    bar = tqdm(total=max_steps, initial=start_step, unit="step", dynamic_ncols=True)
+    try:
+        with LayerClock() as clock, open(os.path.join(out, METRICS), "a", encoding="utf-8") as metrics:
+            while step < max_steps and not stop.requested:
+                step_start = time.perf_counter()
+                s = step + 1
+                lr = albor.lr_at(s, max_steps, args["lr"], warmup, min_lr)
+                micro_rows = [micro_batch_rows(s, m, args, n_train) for m in range(args["grad_accum"])]
+                n_valid = [int((train_targets[rows] != albor.IGNORE_INDEX).sum()) for rows in micro_rows]
+                n_valid_step = sum(n_valid)
+                grads, loss_sum = None, 0.0
+                attention_before, other_before = clock.seconds["attention"], clock.seconds["other"]
+                for m, rows in enumerate(micro_rows):
+                    t0 = time.perf_counter()
+                    idx = albor.xp.asarray(train_inputs[rows])
+                    tgt = albor.xp.asarray(train_targets[rows])
+                    loss, cache = albor.forward(params, config, idx, tgt)
+                    if not math.isfinite(loss):
+                        raise Diverged(f"the loss is {loss} at step {s} (micro-batch {m + 1} of "
+                                       f"{args['grad_accum']})")
+                    t1 = time.perf_counter()
+                    # The step's loss is the mean over all its non-pad targets; this micro-batch's
+                    # mean loss enters it with weight n_valid[m] / n_valid_step, and so does its gradient.
+                    grads = albor.backward(params, config, cache, loss_scale=n_valid[m] / n_valid_step,
+                                           grads=grads)
+                    del cache
+                    synchronize()
+                    t2 = time.perf_counter()
+                    timing["forward_seconds"] += t1 - t0
+                    timing["backward_seconds"] += t2 - t1
+                    loss_sum += loss * n_valid[m]
+                step_loss = loss_sum / n_valid_step
+                t3 = time.perf_counter()
+                grad_norm = albor.clip_grad_norm(grads, args["grad_clip"])
+                if not math.isfinite(grad_norm):
+                    raise Diverged(f"the gradient norm is {grad_norm} at step {s}")
+                optimizer.step(params, grads, lr)
+                del grads
+                synchronize()
+                step_end = time.perf_counter()
+                timing["optimizer_seconds"] += step_end - t3
+                timing["train_seconds"] += step_end - step_start
+                timing["attention_seconds"] += clock.seconds["attention"] - attention_before
+                timing["other_layers_seconds"] += clock.seconds["other"] - other_before
+                step = s
+                loss_curve.append(step_loss)
+                metrics.write(json.dumps({"step": s, "loss": step_loss, "lr": lr, "grad_norm": grad_norm,
+                                          "tokens": tokens_per_step, "valid_tokens": n_valid_step,
+                                          "seconds": step_end - step_start}) + "\n")
+                metrics.flush()
+                bar.update(1)
+                bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}",
+                                tok_s=f"{tokens_per_step / (step_end - step_start):.0f}")
+                if args["save_every"] and step % args["save_every"] == 0 and step < max_steps:
+                    save(step)
+    except Diverged as e:
+        bar.close()
+        kept = (f"the last good checkpoint (step {last_saved}) stays in {out}" if last_saved is not None
+                else f"no checkpoint of this run was saved ({out} is left as it was)")
+        raise RunError(f"{e}; stopping: {kept}") from None
+    except KeyboardInterrupt:
+        bar.close()
+        kept = (f"the last checkpoint (step {last_saved}) stays in {out}" if last_saved is not None
+                else "nothing was saved")
+        raise SystemExit(f"train.py: interrupted; {kept}") from None
+    finally:
+        bar.close()
+        if in_main_thread:
+            signal.signal(signal.SIGINT, previous_handler)
+
+    if stop.requested and step < max_steps:
+        save(step)
+        print(f"stopped at step {step} of {max_steps}; saved a checkpoint in {out}. "
+              f"Continue with: python train.py --resume {out}")
+        return 0
+
+    # --- the end: validation, checkpoint, summary --------------------------------------------
+    eval_start = time.perf_counter()
+    val_loss = evaluate(params, config, val_inputs, val_targets, args["batch_size"])
+    timing["eval_seconds"] = timing.get("eval_seconds", 0.0) + time.perf_counter() - eval_start
+    timing["wall_seconds"] = timing.get("wall_seconds", 0.0) + time.perf_counter() - wall_start
+    train_seconds = timing["train_seconds"]
+    timing["tokens_per_second"] = step * tokens_per_step / train_seconds if train_seconds else None
+    split_time(timing)
+    save(step, val_loss=val_loss, finished=True)
+    print_summary(config_name, step, tokens_per_step, loss_curve, val_loss, len(val_inputs), timing, out)
+    return 0
+
+
+def split_time(timing):
+    """Where the training time went, as the model card reported it: matmuls, attention,
+    other layers, optimizer (attention/other measured by LayerClock on the CPU)."""
+    layers = timing["attention_seconds"] + timing["other_layers_seconds"]
+    model = timing["forward_seconds"] + timing["backward_seconds"]
+    if layers > 0:
+        timing["matmul_seconds"] = model - layers
+    return timing
+
+
+def print_summary(config_name, step, tokens_per_step, loss_curve, val_loss, val_rows, timing, out):
+    train = timing["train_seconds"]
+    tokens = step * tokens_per_step
+    if loss_curve:
+        print(f"loss {loss_curve[0]:.4f} -> {loss_curve[-1]:.4f} (perplexity {perplexity(loss_curve[-1]):,.1f}), "
+              f"best {min(loss_curve):.4f}")
+    if val_loss is not None:
+        print(f"validation loss {val_loss:.4f} (perplexity {perplexity(val_loss):,.1f}) on {val_rows} rows")
+    else:
+        print("validation: none (--val-rows 0)")
+    if train:
+        print(f"{config_name}: {step} steps, {tokens:,} tokens in {train:.1f} s of training: "
+              f"{tokens / train:,.0f} tokens/s; wall time {timing['wall_seconds']:.1f} s")
+        if "matmul_seconds" in timing:
+            parts = [("matmuls", timing["matmul_seconds"]), ("attention", timing["attention_seconds"]),
+                     ("other layers", timing["other_layers_seconds"]), ("optimizer", timing["optimizer_seconds"])]
+        else:
+            parts = [("forward", timing["forward_seconds"]), ("backward", timing["backward_seconds"]),
+                     ("optimizer", timing["optimizer_seconds"])]
+        rest = train - sum(seconds for _, seconds in parts)
+        parts.append(("data/bookkeeping", rest))
+        print("time: " + ", ".join(f"{name} {seconds:.1f} s ({100 * seconds / train:.0f}%)" for name, seconds in parts))
+    print(f"checkpoint: {out}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
