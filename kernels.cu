@@ -72,11 +72,12 @@ __device__ __forceinline__ float warp_sum(float x) {
 //     out_i = sum_j exp(s_j - lse_i) v_j
 // The (T, T) score matrix is never stored. Keys and values stream through shared memory in
 // tiles of ATTN_TILE rows, and each query row keeps a running max m, running sum l and running
-// output acc ("online softmax"): when a tile raises the max from m to m', everything summed so
-// far is rescaled by exp(m - m'), so
-//     l   = l * exp(m - m') + sum_{j in tile} exp(s_j - m')
-//     acc = acc * exp(m - m') + sum_{j in tile} exp(s_j - m') v_j
-// and at the end out_i = acc / l, lse_i = m + log(l).
+// output acc ("online softmax"). For each visible key j, in order:
+//     if s_j > m:  l = l * exp(m - s_j);  acc = acc * exp(m - s_j);  m = s_j
+//     l   = l + exp(s_j - m)
+//     acc = acc + exp(s_j - m) v_j
+// (rescaling everything summed under the old max, which happens only a few times per row), and
+// at the end out_i = acc / l, lse_i = m + log(l). Every exp has an argument <= 0: no overflow.
 //
 // Thread layout (forward and dQ): a block owns ATTN_ROWS = 64 query rows of one (b, h) and has
 // 256 threads, ATTN_THREADS_PER_ROW = 4 per row. The 4 threads of a row split the head dim:
@@ -160,40 +161,31 @@ attention_forward(const float* __restrict__ q, const float* __restrict__ k,
         // threads: wait until the whole tile is in shared memory.
         __syncthreads();
 
-        // scores of this row against the tile's 32 keys
-        float s[ATTN_TILE];
-        float tile_max = NEG_INF;
-#pragma unroll
+        // this row against each of the tile's keys: score, then the online-softmax update
         for (int j = 0; j < ATTN_TILE; j++) {
             float partial = 0.0f;
 #pragma unroll
             for (int c = 0; c < ATTN_DIMS_PER_THREAD; c++)
                 if (c < dims) partial += q_reg[c] * k_tile[j * D + part + 4 * c];
-            const float dot = row_sum4(partial);
-            s[j] = (tile_start + j <= i) ? dot : NEG_INF;  // causal mask (key after the query)
-            tile_max = fmaxf(tile_max, s[j]);
+            // All 4 threads of the row take part in the shuffles (every lane of the warp does:
+            // the mask test comes after) and all 4 get the same score, so they take the same
+            // branches below.
+            const float s = row_sum4(partial);
+            if (tile_start + j <= i) {  // causal: a key after the query does not count
+                if (s > row_max) {      // a new max: rescale what was summed under the old one
+                    const float rescale = __expf(row_max - s);  // 0 at the first key (m = -inf)
+                    row_sum *= rescale;
+#pragma unroll
+                    for (int c = 0; c < ATTN_DIMS_PER_THREAD; c++) acc[c] *= rescale;
+                    row_max = s;
+                }
+                const float p = __expf(s - row_max);  // <= 1: exp can't overflow
+                row_sum += p;
+#pragma unroll
+                for (int c = 0; c < ATTN_DIMS_PER_THREAD; c++)
+                    if (c < dims) acc[c] += p * v_tile[j * D + part + 4 * c];
+            }
         }
-
-        // online softmax: rescale what was summed under the old max, add this tile
-        const float new_max = fmaxf(row_max, tile_max);
-        // A row that has only seen masked keys has new_max = -inf; shifting by 0 instead keeps
-        // exp(-inf - shift) = 0 rather than exp(-inf + inf) = NaN. (It cannot happen with
-        // ATTN_TILE <= ATTN_ROWS, since key 0 is visible to every row, but the guard costs
-        // nothing and keeps the kernel right for any tile shape.)
-        const float shift = new_max == NEG_INF ? 0.0f : new_max;
-        const float rescale = __expf(row_max - shift);  // exp(m - m') <= 1; 0 on the first tile
-        row_sum *= rescale;
-#pragma unroll
-        for (int c = 0; c < ATTN_DIMS_PER_THREAD; c++) acc[c] *= rescale;
-#pragma unroll
-        for (int j = 0; j < ATTN_TILE; j++) {
-            const float p = __expf(s[j] - shift);  // 0 for masked keys
-            row_sum += p;
-#pragma unroll
-            for (int c = 0; c < ATTN_DIMS_PER_THREAD; c++)
-                if (c < dims) acc[c] += p * v_tile[j * D + part + 4 * c];
-        }
-        row_max = new_max;
         // The next iteration overwrites k_tile and v_tile: wait until every thread is done
         // reading this tile.
         __syncthreads();
