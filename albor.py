@@ -514,7 +514,7 @@ def block_backward(params, config, layer, dx_out, cache, cos, sin, grads):
 # The whole model
 
 
-def _check_tokens(name, ids, config):
+def _check_tokens(name, ids):
     if ids.ndim != 2 or ids.dtype.kind not in "iu":
         raise ValueError(f"{name} must be a (B, T) integer array, got shape {ids.shape} {ids.dtype}")
 
@@ -535,7 +535,7 @@ def forward(params, config, idx, targets=None):
       probs: the (N, V) softmax probabilities, in the logits' buffer (backward overwrites them).
     """
     idx = xp.asarray(idx)
-    _check_tokens("idx", idx, config)
+    _check_tokens("idx", idx)
     B, T = idx.shape
     if T > config.max_position_embeddings:
         raise ValueError(f"sequence length {T} > max_position_embeddings {config.max_position_embeddings}")
@@ -558,7 +558,7 @@ def forward(params, config, idx, targets=None):
         return logits.reshape(B, T, V), None
 
     targets = xp.asarray(targets)
-    _check_tokens("targets", targets, config)
+    _check_tokens("targets", targets)
     if targets.shape != idx.shape:
         raise ValueError(f"targets shape {targets.shape} != idx shape {idx.shape}")
     targets = targets.reshape(N)
