@@ -390,7 +390,7 @@ def test_cli_bench_runs_small():
     assert result.returncode == 0, result.stderr
     output = result.stdout.decode()
     assert "first 1500 lines" in output and "(600 tokens)" in output
-    assert "MB/s warm" in output and "albor / tokenizers" in output
+    assert "MB/s warm" in output and "albor vs tokenizers" in output
 
 
 def test_cli_help_and_errors(saved, tmp_path):
