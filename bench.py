@@ -492,7 +492,7 @@ def print_step_table(albor_times, torch_times, tokens, step_flop, gemm_rate):
     targets = [f"albor MFU >= {100 * TARGET_MFU:.0f}% ({verdict(mfus[0] >= TARGET_MFU)})"]
     if torch_times:
         ratio = steps[0] / steps[1]
-        targets.append(f"albor/PyTorch step <= {TARGET_RATIO} ({ratio:.2f}: {verdict(ratio <= TARGET_RATIO)})")
+        targets.append(f"albor/PyTorch step <= {TARGET_RATIO} ({ratio:.3f}: {verdict(ratio <= TARGET_RATIO)})")
     print("  targets: " + "; ".join(targets))
     if max(mfus) > 1.0:
         print("  note: MFU above 100% means the GEMM rate was measured while the machine was busier "
