@@ -605,6 +605,223 @@ def backward(params, config, cache, loss_scale=1.0, grads=None):
         return {name: grads[name] for name in params}  # params' order
     return grads
 
+
+# -----------------------------------------------------------------------------
+# Sampling: generate text a token at a time, with a KV cache
+#
+# Generating n tokens with `forward` alone would push the whole, growing sequence through the
+# model n times. But attention is causal: position t never looks at t + 1, so the keys and values
+# of the positions already seen never change. Decoding keeps them in a KV cache, and each step
+# runs only the NEW tokens through the model: their queries attend to the cached keys and values
+# and to their own. This is inference only (no backward, nothing kept for one), so these
+# functions come without a _backward partner; they reuse the training layers' forwards.
+#
+#   kv_cache_new     an empty cache: per layer, room for the keys and values of max_len positions
+#   forward_step     logits of the new tokens, appending their keys and values to the cache
+#   sampling_probs   logits -> the distribution to draw from (temperature, top-k, top-p)
+#   sample_next      one token id drawn from it (the argmax at temperature 0)
+#   generate         prompt ids -> new ids, until eos_id or max_new_tokens
+
+
+def kv_cache_new(config, batch, max_len, dtype=np.float32):
+    """An empty KV cache for `batch` sequences of up to max_len positions.
+
+    Holds per layer k and v (B, KVH, max_len, D), filled up to `length` (0 so far), and the RoPE
+    tables (max_len, D) for positions 0..max_len-1. Example (tiny, batch 1, max_len 100):
+    cache["k"][0].shape == (1, 2, 100, 16), cache["length"] == 0.
+    """
+    if not 1 <= max_len <= config.max_position_embeddings:
+        raise ValueError(f"max_len {max_len} must lie in [1, max_position_embeddings "
+                         f"{config.max_position_embeddings}]")
+    shape = (batch, config.num_key_value_heads, max_len, config.head_dim)  # (B, KVH, max_len, D)
+    cos, sin = rope_tables(max_len, config.head_dim, config.rope_theta, dtype)  # (max_len, D) each
+    return dict(k=[xp.zeros(shape, dtype=dtype) for _ in range(config.num_hidden_layers)],
+                v=[xp.zeros(shape, dtype=dtype) for _ in range(config.num_hidden_layers)],
+                length=0, cos=cos, sin=sin)
+
+
+def attention_cached_forward(q, k, v):
+    """Causal attention of the LAST Tq positions of a sequence over all S positions so far.
+
+    q (B, H, Tq, D): the queries of positions S-Tq .. S-1; k, v (B, KVH, S, D): the keys and
+    values of positions 0 .. S-1 (the cache's filled part). Query t reads keys s <= S - Tq + t.
+    Returns out (B, H, Tq, D); with Tq == S it is attention_forward's out (same grouping trick).
+    """
+    B, H, Tq, D = q.shape
+    KVH, S = k.shape[1], k.shape[2]
+    group = H // KVH
+    scale = 1.0 / math.sqrt(D)
+    qg = q.reshape(B, KVH, group * Tq, D)  # the group's query heads stacked along the rows
+    scores = qg @ k.transpose(0, 1, 3, 2)  # (B, KVH, group*Tq, S)
+    scores *= scale
+    t = xp.arange(group * Tq) % Tq + (S - Tq)  # (group*Tq,) each row's query position
+    s = xp.arange(S)  # (S,) key positions
+    scores += xp.where(s[None, :] > t[:, None], -xp.inf, 0.0).astype(scores.dtype)
+    scores -= scores.max(axis=-1, keepdims=True)
+    probs = xp.exp(scores, out=scores)
+    probs /= probs.sum(axis=-1, keepdims=True)
+    return (probs @ v).reshape(B, H, Tq, D)  # (B, KVH, group*Tq, D) -> (B, H, Tq, D)
+
+
+def block_step_forward(params, config, layer, x, B, T, kv_cache, cos, sin):
+    """block_forward for T new positions, x (N, C) with N = B*T: their keys and values go into
+    the cache at positions length .. length+T-1, their queries read every cached position.
+    cos, sin (T, D) are the new positions' RoPE rows. Returns x_out (N, C)."""
+    p = f"model.layers.{layer}."
+    N, C = x.shape
+    H, KVH, D = config.num_attention_heads, config.num_key_value_heads, config.head_dim
+    eps = config.rms_norm_eps
+    start, stop = kv_cache["length"], kv_cache["length"] + T
+    # attention half: x_mid = x + o_proj(attention(rope(q), rope(k), v)) of rmsnorm(x)
+    a, _ = rmsnorm_forward(x, params[p + "input_layernorm.weight"], eps)  # (N, C)
+    q = a @ params[p + "self_attn.q_proj.weight"].T  # (N, H*D)
+    k = a @ params[p + "self_attn.k_proj.weight"].T  # (N, KVH*D)
+    v = a @ params[p + "self_attn.v_proj.weight"].T  # (N, KVH*D)
+    q = rope_forward(q.reshape(B, T, H, D).transpose(0, 2, 1, 3), cos, sin)  # (B, H, T, D)
+    k = rope_forward(k.reshape(B, T, KVH, D).transpose(0, 2, 1, 3), cos, sin)  # (B, KVH, T, D)
+    kv_cache["k"][layer][:, :, start:stop] = k
+    kv_cache["v"][layer][:, :, start:stop] = v.reshape(B, T, KVH, D).transpose(0, 2, 1, 3)
+    att = attention_cached_forward(q, kv_cache["k"][layer][:, :, :stop],
+                                   kv_cache["v"][layer][:, :, :stop])  # (B, H, T, D)
+    att = att.transpose(0, 2, 1, 3).reshape(N, C)  # heads side by side again
+    x_mid = x + att @ params[p + "self_attn.o_proj.weight"].T  # (N, C)
+    # MLP half: x_out = x_mid + down_proj(silu(gate_proj(m)) * up_proj(m)), m = rmsnorm(x_mid)
+    m, _ = rmsnorm_forward(x_mid, params[p + "post_attention_layernorm.weight"], eps)
+    h = swiglu_forward(m @ params[p + "mlp.gate_proj.weight"].T,
+                       m @ params[p + "mlp.up_proj.weight"].T)  # (N, F)
+    return x_mid + h @ params[p + "mlp.down_proj.weight"].T  # (N, C)
+
+
+def forward_step(params, config, idx_new, kv_cache):
+    """Logits (B, T, V) of the T new tokens idx_new (B, T), given the cache of the earlier ones.
+
+    The new tokens sit at positions length .. length+T-1; their keys and values are appended to
+    the cache (length grows by T). Feeding a sequence in pieces gives the logits `forward` gives
+    for the whole: e.g. forward_step(ids[:, :5]) then forward_step(ids[:, 5:6]) -> the logits of
+    position 5 == forward(ids[:, :6])[0][:, 5].
+    """
+    idx_new = xp.asarray(idx_new)
+    _check_tokens("idx_new", idx_new)
+    B, T = idx_new.shape
+    start, max_len = kv_cache["length"], kv_cache["k"][0].shape[2]
+    if B != kv_cache["k"][0].shape[0]:
+        raise ValueError(f"idx_new has {B} sequences, the cache was made for {kv_cache['k'][0].shape[0]}")
+    if start + T > max_len:
+        raise ValueError(f"{T} new tokens after {start} do not fit the cache's {max_len} positions")
+    if int(idx_new.min()) < 0 or int(idx_new.max()) >= config.vocab_size:
+        raise ValueError(f"token ids must lie in [0, {config.vocab_size}), got "
+                         f"[{int(idx_new.min())}, {int(idx_new.max())}]")
+    wte = params["model.embed_tokens.weight"]  # (V, C), also the LM head
+    cos, sin = kv_cache["cos"][start:start + T], kv_cache["sin"][start:start + T]  # (T, D)
+    x = embedding_forward(wte, idx_new).reshape(B * T, config.hidden_size)  # (N, C)
+    for layer in range(config.num_hidden_layers):
+        x = block_step_forward(params, config, layer, x, B, T, kv_cache, cos, sin)
+    kv_cache["length"] = start + T
+    xf, _ = rmsnorm_forward(x, params["model.norm.weight"], config.rms_norm_eps)  # (N, C)
+    logits = xf @ wte.T  # (N, V) the tied LM head
+    return logits.reshape(B, T, config.vocab_size)
+
+
+def _check_sampling(temperature, top_k, top_p):
+    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature >= 0):
+        raise ValueError(f"temperature must be a number >= 0 (0: greedy), got {temperature!r}")
+    if isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or top_k < 0:
+        raise ValueError(f"top_k must be an int >= 0 (0: no limit), got {top_k!r}")
+    if not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):
+        raise ValueError(f"top_p must lie in (0, 1] (1: no limit), got {top_p!r}")
+
+
+def sampling_probs(logits, temperature=1.0, top_k=0, top_p=1.0):
+    """The distribution sample_next draws the next token from: a float64 (V,) host array.
+
+    1. temperature: softmax(logits / temperature); below 1 it sharpens, above 1 it flattens.
+       0 puts all the mass on the argmax (greedy decoding).
+    2. top_k > 0: only the k most likely tokens keep their mass (ties: the lower id first).
+    3. top_p < 1: then only the smallest set of most likely tokens whose mass reaches top_p
+       (the "nucleus"). What is kept is renormalized to sum to 1.
+    Example: logits [2, 1, 0] -> probs [0.665, 0.245, 0.090]; with top_k=2 -> [0.731, 0.269, 0];
+    with top_p=0.5 -> [1, 0, 0]; with temperature 0 -> [1, 0, 0].
+    """
+    _check_sampling(temperature, top_k, top_p)
+    logits = to_numpy(logits).astype(np.float64).reshape(-1)  # (V,)
+    V = logits.size
+    probs = np.zeros(V)
+    if temperature == 0:
+        probs[np.argmax(logits)] = 1.0  # argmax: the first (lowest id) of equal maxima
+        return probs
+    scaled = logits / temperature
+    order = np.argsort(-scaled, kind="stable")  # token ids, most likely first
+    if 0 < top_k < V:
+        scaled[order[top_k:]] = -np.inf
+    probs = np.exp(scaled - scaled.max())
+    probs /= probs.sum()
+    if top_p < 1.0:
+        cumulative = np.cumsum(probs[order])  # mass of the 1, 2, 3, ... most likely tokens
+        n_keep = min(int(np.searchsorted(cumulative, top_p)) + 1, V)  # first n reaching top_p
+        probs[order[n_keep:]] = 0.0
+        probs /= probs.sum()
+    return probs
+
+
+def sample_next(logits, temperature, top_k, top_p, rng):
+    """One token id drawn from sampling_probs(logits, ...) with rng (a np.random.Generator).
+
+    Temperature 0 returns the argmax and draws nothing from rng. One uniform number per
+    draw, so the same seed gives the same ids.
+    """
+    probs = sampling_probs(logits, temperature, top_k, top_p)
+    if temperature == 0:
+        return int(np.argmax(probs))
+    cumulative = np.cumsum(probs)  # (V,)
+    u = rng.random() * cumulative[-1]  # uniform in [0, total mass)
+    # the token whose slice [cumulative[i-1], cumulative[i]) holds u; empty slices never do
+    return int(min(np.searchsorted(cumulative, u, side="right"), probs.size - 1))
+
+
+def generate(params, config, prompt_ids, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0,
+             seed=0, eos_id=None, on_token=None, vocab_size=None):
+    """Continue prompt_ids (a list of ints) by up to max_new_tokens tokens; returns the new ids.
+
+    Stops early when it draws eos_id (the end-of-text token; not returned, not passed on).
+    on_token(id) is called with each new id as soon as it is drawn (sample.py prints with it).
+    The draws come from np.random.default_rng(seed): same seed and settings -> same ids.
+    vocab_size: draw only ids below it (a tokenizer smaller than the model's vocabulary cannot
+    decode the others); default: all of config.vocab_size.
+    A long prompt is cut from the LEFT so that prompt plus new tokens fit the context: the model
+    sees the last max_position_embeddings - max_new_tokens prompt tokens.
+    """
+    prompt = [int(i) for i in prompt_ids]
+    context = config.max_position_embeddings
+    if not prompt:
+        raise ValueError("the prompt is empty: give at least one token")
+    if not 0 <= max_new_tokens < context:
+        raise ValueError(f"max_new_tokens must lie in [0, {context}) (max_position_embeddings "
+                         f"{context}, and the prompt needs room), got {max_new_tokens}")
+    vocab_size = config.vocab_size if vocab_size is None else vocab_size
+    if not 1 <= vocab_size <= config.vocab_size:
+        raise ValueError(f"vocab_size must lie in [1, {config.vocab_size}], got {vocab_size}")
+    _check_sampling(temperature, top_k, top_p)
+    prompt = prompt[-(context - max_new_tokens):]  # cut from the left
+    if max_new_tokens == 0:
+        return []
+    rng = np.random.default_rng(seed)
+    dtype = params["model.embed_tokens.weight"].dtype
+    cache = kv_cache_new(config, 1, len(prompt) + max_new_tokens, dtype)
+    logits = forward_step(params, config, np.array([prompt]), cache)[0, -1]  # (V,) the last position's
+    new_ids = []
+    while True:
+        next_id = sample_next(logits[:vocab_size], temperature, top_k, top_p, rng)
+        if next_id == eos_id:
+            break
+        new_ids.append(next_id)
+        if on_token is not None:
+            on_token(next_id)
+        if len(new_ids) == max_new_tokens:
+            break
+        logits = forward_step(params, config, np.array([[next_id]]), cache)[0, 0]  # (V,)
+    return new_ids
+
+
 # -----------------------------------------------------------------------------
 # Optimization: AdamW, learning-rate schedule, gradient clipping, checkpoints
 #
