@@ -183,7 +183,8 @@ def embedding_backward(dwte, dout, idx):
 
     A token that occurs several times collects the sum of its rows. `add.at` adds repeated
     indices one after another (a plain `dwte[idx] += dout` would keep only one of them), in a
-    fixed order on NumPy, so the result is deterministic.
+    fixed order on NumPy, so the result is deterministic. (CuPy's add.at uses atomic adds: same
+    sums, but the order, and so the last bits, can vary from run to run.)
     """
     # out = wte[idx]
     xp.add.at(dwte, idx.reshape(-1), dout.reshape(-1, dout.shape[-1]))
