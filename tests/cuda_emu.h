@@ -2,9 +2,12 @@
 //
 // g++ force-includes this header in front of the UNMODIFIED kernels.cu:
 //
-//     g++ -std=gnu++17 -O2 -fPIC -shared -fno-extern-tls-init -include tests/cuda_emu.h ...
+//     g++ -std=gnu++17 -O2 -fPIC -shared -fno-extern-tls-init -fno-ipa-reference \
+//         -fno-ipa-reference-addressable -include tests/cuda_emu.h ...
 //
-// (tests/kernel_emu.py does that, adds one launcher per kernel, and calls them through ctypes.)
+// (tests/kernel_emu.py does that, adds one launcher per kernel, and calls them through ctypes.
+// The -fno-ipa-reference flags stop g++ from proving, in single-threaded C++ terms, that a
+// __shared__ array nobody writes reads as 0 and folding those reads away.)
 //
 // The model of a GPU it implements:
 //   * A launch runs its blocks one after the other. Each CUDA thread of a block is a FIBER: its

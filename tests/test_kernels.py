@@ -42,6 +42,21 @@ def f64(a):
     return np.asarray(a, dtype=np.float64)
 
 
+def on_albor(function, *args):
+    """Run an albor.py reference function in float64 on albor's backend (NumPy here, CuPy on a
+    GPU machine) and hand back NumPy arrays: float arrays go in as float64, others as they are."""
+    def to_xp(a):
+        if not isinstance(a, np.ndarray):
+            return a
+        return albor.xp.asarray(f64(a) if a.dtype.kind == "f" else a)
+
+    def to_np(a):
+        return albor.to_numpy(a) if hasattr(a, "shape") else a
+
+    result = function(*[to_xp(a) for a in args])
+    return tuple(to_np(a) for a in result) if isinstance(result, tuple) else to_np(result)
+
+
 def assert_close(got, want, tol=TOL, what=""):
     got, want = np.asarray(got), np.asarray(want)
     assert got.shape == want.shape, f"{what}: shape {got.shape} != {want.shape}"
@@ -307,11 +322,11 @@ def attention_inputs(B, H, KVH, T, D, seed=0, scale=1.0):
 def check_attention(module, B, H, KVH, T, D, tol=TOL, seed=0, scale=1.0):
     q, k, v, dout = attention_inputs(B, H, KVH, T, D, seed, scale)
     out, lse = ops.attention_forward(module, np, q, k, v)
-    want_out, want_lse = albor.attention_forward(f64(q), f64(k), f64(v))
+    want_out, want_lse = on_albor(albor.attention_forward, q, k, v)
     assert_close(out, want_out, tol, "out")
     assert_close(lse, want_lse, tol, "lse")
     dq, dk, dv = ops.attention_backward(module, np, dout, q, k, v, out, lse)
-    want = albor.attention_backward(f64(dout), f64(q), f64(k), f64(v), want_out, want_lse)
+    want = on_albor(albor.attention_backward, dout, q, k, v, want_out, want_lse)
     for name, got, ref in zip(("dq", "dk", "dv"), (dq, dk, dv), want):
         assert_close(got, ref, tol, name)
     return out, lse, dq, dk, dv
@@ -340,7 +355,7 @@ def test_attention_large_logits(module):
     """Scores in the thousands: nearly one-hot softmax rows; the online max keeps exp finite.
     Looser tolerance: float32 scores of size ~2000 carry absolute errors ~1e-4."""
     q, k, v, _ = attention_inputs(1, 4, 2, 80, 16, seed=3, scale=15.0)
-    want_lse = albor.attention_forward(f64(q), f64(k), f64(v))[1]
+    want_lse = on_albor(albor.attention_forward, q, k, v)[1]
     assert np.abs(want_lse).max() > 1000
     check_attention(module, 1, 4, 2, 80, 16, tol=1e-3, seed=3, scale=15.0)
 
@@ -349,7 +364,7 @@ def test_attention_long_sequence_forward(module):
     """T = 2048 (the longest context): 32 query blocks, 64 key tiles."""
     q, k, v, _ = attention_inputs(1, 1, 1, 2048, 16, seed=4)
     out, lse = ops.attention_forward(module, np, q, k, v)
-    want_out, want_lse = albor.attention_forward(f64(q), f64(k), f64(v))
+    want_out, want_lse = on_albor(albor.attention_forward, q, k, v)
     assert_close(out, want_out, TOL, "out")
     assert_close(lse, want_lse, TOL, "lse")
 
@@ -385,11 +400,11 @@ def test_rmsnorm_matches_albor(module, rows, C, scale):
     dout = rng.standard_normal((rows, C)).astype(np.float32)
     eps = 1e-5
     out, rstd = ops.rmsnorm_forward(module, np, x, weight, eps)
-    want_out, want_rstd = albor.rmsnorm_forward(f64(x), f64(weight), eps)
+    want_out, want_rstd = on_albor(albor.rmsnorm_forward, x, weight, eps)
     assert_close(out, want_out, TOL, "out")
     np.testing.assert_allclose(rstd, want_rstd, rtol=1e-5)  # relative: rstd spans 1e-15..1e20
     dx, dweight = ops.rmsnorm_backward(module, np, dout, x, weight, rstd)
-    want_dx, want_dweight = albor.rmsnorm_backward(f64(dout), f64(x), f64(weight), want_rstd)
+    want_dx, want_dweight = on_albor(albor.rmsnorm_backward, dout, x, weight, want_rstd)
     assert_close(dx, want_dx, TOL, "dx")
     assert_close(dweight, want_dweight, TOL, "dweight")
 
@@ -403,8 +418,8 @@ def test_swiglu_matches_albor(module, shape, scale):
     up = rng.standard_normal(shape).astype(np.float32)
     dh = rng.standard_normal(shape).astype(np.float32)
     with np.errstate(over="ignore"):
-        want_h = albor.swiglu_forward(f64(gate), f64(up))
-        want_dgate, want_dup = albor.swiglu_backward(f64(dh), f64(gate), f64(up))
+        want_h = on_albor(albor.swiglu_forward, gate, up)
+        want_dgate, want_dup = on_albor(albor.swiglu_backward, dh, gate, up)
     assert_close(ops.swiglu_forward(module, np, gate, up), want_h, TOL, "h")
     dgate, dup = ops.swiglu_backward(module, np, dh, gate, up)
     assert_close(dgate, want_dgate, TOL, "dgate")
@@ -413,9 +428,10 @@ def test_swiglu_matches_albor(module, shape, scale):
 
 def albor_cross_entropy(logits, targets, loss_scale):
     """albor's forward + backward in float64: (mean loss, dlogits)."""
-    logits = f64(logits).copy()
-    loss, probs, _ = albor.cross_entropy_forward(logits, targets)
-    return loss, albor.cross_entropy_backward(probs, targets, loss_scale)
+    def both(logits, targets):
+        loss, probs, _ = albor.cross_entropy_forward(logits, targets)  # overwrites logits
+        return loss, albor.cross_entropy_backward(probs, targets, loss_scale)
+    return on_albor(both, logits, targets)
 
 
 @pytest.mark.parametrize("N, V, scale", [(1, 7, 1.0), (6, 512, 1.0), (9, 1000, 5.0),
@@ -457,16 +473,16 @@ def test_cross_entropy_equal_logits_and_bad_targets(module):
 def test_adamw_matches_albor(module):
     """Three updates of a decayed matrix and an undecayed norm weight, against albor.AdamW."""
     rng = np.random.default_rng(9)
-    params = {"w": rng.standard_normal((30, 17)).astype(np.float32),
-              "model.norm.weight": np.ones(300, np.float32)}
-    kernel_params = {name: p.copy() for name, p in params.items()}
+    kernel_params = {"w": rng.standard_normal((30, 17)).astype(np.float32),
+                     "model.norm.weight": np.ones(300, np.float32)}
+    params = {name: albor.xp.asarray(p) for name, p in kernel_params.items()}  # albor's copy
     opt = albor.AdamW(params, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
-    m = {name: np.zeros_like(p) for name, p in params.items()}
-    v = {name: np.zeros_like(p) for name, p in params.items()}
+    m = {name: np.zeros_like(p) for name, p in kernel_params.items()}
+    v = {name: np.zeros_like(p) for name, p in kernel_params.items()}
     for t, lr in enumerate([1e-2, 3e-3, 1e-3], start=1):
         grads = {name: rng.standard_normal(p.shape).astype(np.float32) * 10.0 ** (t - 2)
-                 for name, p in params.items()}
-        opt.step(params, grads, lr)
+                 for name, p in kernel_params.items()}
+        opt.step(params, {name: albor.xp.asarray(g) for name, g in grads.items()}, lr)
         for name in params:
             wd = opt.weight_decay if albor.is_decayed(name, params[name].shape) else 0.0
             ops.adamw_update(module, kernel_params[name], grads[name], m[name], v[name], lr,
@@ -477,6 +493,7 @@ def test_adamw_matches_albor(module):
         for name in params:
             for got, want in [(kernel_params[name], params[name]), (m[name], opt.m[name]),
                               (v[name], opt.v[name])]:
+                want = albor.to_numpy(want)
                 np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
     assert not np.allclose(kernel_params["model.norm.weight"], 1.0)  # it did move
 
@@ -609,8 +626,8 @@ def test_gpu_kernels_match_emulator_and_albor(module):
                                          cupy.asarray(v))
         grads = ops.attention_backward(gpu, cupy, cupy.asarray(dout), cupy.asarray(q),
                                        cupy.asarray(k), cupy.asarray(v), out, lse)
-        want_out, want_lse = albor.attention_forward(f64(q), f64(k), f64(v))
-        want = albor.attention_backward(f64(dout), f64(q), f64(k), f64(v), want_out, want_lse)
+        want_out, want_lse = on_albor(albor.attention_forward, q, k, v)
+        want = on_albor(albor.attention_backward, dout, q, k, v, want_out, want_lse)
         for name, got, ref in zip(("out", "lse", "dq", "dk", "dv"), (out, lse) + grads,
                                   (want_out, want_lse) + want):
             assert_close(to_host(got), ref, 1e-4, f"{name} at {(B, H, KVH, T, D)}")
