@@ -448,19 +448,19 @@ class LayerClock:
                     name = f"{layer}_{direction}"
                     if hasattr(albor, name):
                         self.originals[name] = getattr(albor, name)
-        self.inside = False
+        self.local = threading.local()          # per thread: inside a timed layer already?
 
     def wrap(self, fn, kind):
         def timed(*args, **kwargs):
-            if self.inside:                      # a layer called by a timed layer counts once
+            if getattr(self.local, "inside", False):   # a layer called by a timed layer counts once
                 return fn(*args, **kwargs)
-            self.inside = True
+            self.local.inside = True
             start = time.perf_counter()
             try:
                 return fn(*args, **kwargs)
             finally:
                 self.seconds[kind] += time.perf_counter() - start
-                self.inside = False
+                self.local.inside = False
         return timed
 
     def __enter__(self):
@@ -507,6 +507,40 @@ def evaluate(params, config, inputs, targets, batch_size):
     return total / count if count else None
 
 
+def train_step(params, config, optimizer, inputs, targets, lr, grad_clip, step, timing):
+    """One optimizer step on the micro-batches inputs[m], targets[m] (each (B, T)).
+
+    Returns (loss, pre-clip gradient norm, number of non-pad targets). The loss
+    is the mean over the non-pad targets of all micro-batches together: a
+    micro-batch's mean loss counts with weight n_valid[m] / n_valid_step, and
+    backward's loss_scale gives its gradient the same weight, added into one
+    gradient dict (so 4 micro-batches of 4 rows = one batch of 16 rows).
+    """
+    n_valid = [int((t != albor.IGNORE_INDEX).sum()) for t in targets]
+    n_valid_step = sum(n_valid)
+    grads, loss_sum = None, 0.0
+    for m in range(len(inputs)):
+        t0 = time.perf_counter()
+        loss, cache = albor.forward(params, config, albor.xp.asarray(inputs[m]), albor.xp.asarray(targets[m]))
+        if not math.isfinite(loss):
+            raise Diverged(f"the loss is {loss} at step {step} (micro-batch {m + 1} of {len(inputs)})")
+        t1 = time.perf_counter()
+        grads = albor.backward(params, config, cache, loss_scale=n_valid[m] / n_valid_step, grads=grads)
+        del cache
+        synchronize()
+        t2 = time.perf_counter()
+        timing["forward_seconds"] += t1 - t0
+        timing["backward_seconds"] += t2 - t1
+        loss_sum += loss * n_valid[m]
+    grad_norm = albor.clip_grad_norm(grads, grad_clip)
+    if not math.isfinite(grad_norm):
+        raise Diverged(f"the gradient norm is {grad_norm} at step {step}")
+    optimizer.step(params, grads, lr)
+    synchronize()
+    timing["optimizer_seconds"] += time.perf_counter() - t2
+    return loss_sum / n_valid_step, grad_norm, n_valid_step
+
+
 def perplexity(loss):
     return math.exp(min(loss, 700.0)) if loss is not None else None
 
@@ -520,6 +554,8 @@ def main(argv=None):
         return run(argv)
     except (RunError, albor.CheckpointError) as e:
         raise SystemExit(f"train.py: error: {e}") from None
+    except KeyboardInterrupt:   # Ctrl-C before the training loop (which handles its own)
+        raise SystemExit("train.py: interrupted before training started; nothing was saved") from None
 
 
 def run(argv):
@@ -669,40 +705,13 @@ def run(argv):
                 step_start = time.perf_counter()
                 s = step + 1
                 lr = albor.lr_at(s, max_steps, args["lr"], warmup, min_lr)
-                micro_rows = [micro_batch_rows(s, m, args, n_train) for m in range(args["grad_accum"])]
-                n_valid = [int((train_targets[rows] != albor.IGNORE_INDEX).sum()) for rows in micro_rows]
-                n_valid_step = sum(n_valid)
-                grads, loss_sum = None, 0.0
+                micro_rows = np.stack([micro_batch_rows(s, m, args, n_train)
+                                       for m in range(args["grad_accum"])])      # (grad_accum, B)
                 attention_before, other_before = clock.seconds["attention"], clock.seconds["other"]
-                for m, rows in enumerate(micro_rows):
-                    t0 = time.perf_counter()
-                    idx = albor.xp.asarray(train_inputs[rows])
-                    tgt = albor.xp.asarray(train_targets[rows])
-                    loss, cache = albor.forward(params, config, idx, tgt)
-                    if not math.isfinite(loss):
-                        raise Diverged(f"the loss is {loss} at step {s} (micro-batch {m + 1} of "
-                                       f"{args['grad_accum']})")
-                    t1 = time.perf_counter()
-                    # The step's loss is the mean over all its non-pad targets; this micro-batch's
-                    # mean loss enters it with weight n_valid[m] / n_valid_step, and so does its gradient.
-                    grads = albor.backward(params, config, cache, loss_scale=n_valid[m] / n_valid_step,
-                                           grads=grads)
-                    del cache
-                    synchronize()
-                    t2 = time.perf_counter()
-                    timing["forward_seconds"] += t1 - t0
-                    timing["backward_seconds"] += t2 - t1
-                    loss_sum += loss * n_valid[m]
-                step_loss = loss_sum / n_valid_step
-                t3 = time.perf_counter()
-                grad_norm = albor.clip_grad_norm(grads, args["grad_clip"])
-                if not math.isfinite(grad_norm):
-                    raise Diverged(f"the gradient norm is {grad_norm} at step {s}")
-                optimizer.step(params, grads, lr)
-                del grads
-                synchronize()
+                step_loss, grad_norm, n_valid_step = train_step(
+                    params, config, optimizer, train_inputs[micro_rows], train_targets[micro_rows],
+                    lr, args["grad_clip"], s, timing)
                 step_end = time.perf_counter()
-                timing["optimizer_seconds"] += step_end - t3
                 timing["train_seconds"] += step_end - step_start
                 timing["attention_seconds"] += clock.seconds["attention"] - attention_before
                 timing["other_layers_seconds"] += clock.seconds["other"] - other_before
@@ -718,12 +727,10 @@ def run(argv):
                 if args["save_every"] and step % args["save_every"] == 0 and step < max_steps:
                     save(step)
     except Diverged as e:
-        bar.close()
         kept = (f"the last good checkpoint (step {last_saved}) stays in {out}" if last_saved is not None
                 else f"no checkpoint of this run was saved ({out} is left as it was)")
         raise RunError(f"{e}; stopping: {kept}") from None
     except KeyboardInterrupt:
-        bar.close()
         kept = (f"the last checkpoint (step {last_saved}) stays in {out}" if last_saved is not None
                 else "nothing was saved")
         raise SystemExit(f"train.py: interrupted; {kept}") from None
