@@ -1,0 +1,222 @@
+"""Generate code with a trained albor checkpoint, and measure how much of it is valid Python.
+
+    python sample.py --checkpoint checkpoints/albor-base-50m --prompt "def fib(n):"
+
+prints the prompt, then the model's continuation token by token as it is drawn, until the
+model writes <|endoftext|> or --max-new-tokens tokens are out. Same --seed, same text;
+--temperature 0 is greedy decoding (always the most likely token).
+
+What happens, in the order of the functions below:
+
+1. load(): the checkpoint folder's config.json and model.safetensors (albor.load_checkpoint)
+   and tokenizer.json (tokenizer.Tokenizer.load).
+2. albor.generate() runs the model with a KV cache (see the Sampling section of albor.py):
+   the prompt once, then one new token per step. The prompt is cut from the left when
+   prompt + new tokens would not fit the model's context (max_position_embeddings).
+3. TextStream turns the ids into text as they come. A byte-level token can end inside a
+   multi-byte UTF-8 character, so it decodes the whole growing list of new ids each time and
+   prints only the new, settled suffix.
+
+Evaluation (train.py calls it at the end of a run and with --eval-only): parse_rate() samples
+N completions of short prompts and reports the share that Python's own parser (ast.parse)
+accepts, a structural measure of "is this code" that a loss value does not give.
+"""
+import argparse
+import ast
+import os
+import sys
+import time
+import warnings
+
+import albor
+from tokenizer import EOT_ID, Tokenizer
+
+TOKENIZER_FILE = "tokenizer.json"
+REPLACEMENT = "\ufffd"  # what decode makes of bytes that are not (yet) a whole UTF-8 character
+DEFAULT_PROMPTS = ["import ", "def ", "class "]  # parse_rate's prompts when there is no held-out text
+
+
+class SampleError(Exception):
+    """A problem with sample.py's input; main() prints it as one line and exits with status 1."""
+
+
+# -----------------------------------------------------------------------------
+# 1. Loading a checkpoint
+
+
+def load(folder):
+    """(config, params, tokenizer) of a checkpoint folder; a one-line SampleError if it is not one."""
+    folder = os.fspath(folder)
+    if not os.path.isdir(folder):
+        raise SampleError(f"{folder}: no such checkpoint folder")
+    try:
+        config, params, _ = albor.load_checkpoint(folder)
+    except albor.CheckpointError as e:
+        raise SampleError(str(e)) from None
+    path = os.path.join(folder, TOKENIZER_FILE)
+    if not os.path.isfile(path):
+        raise SampleError(f"{path}: file not found (the checkpoint has no tokenizer)")
+    try:
+        tok = Tokenizer.load(path)
+    except ValueError as e:
+        raise SampleError(str(e).splitlines()[0]) from None
+    if tok.vocab_size > config.vocab_size:
+        raise SampleError(f"{path}: {tok.vocab_size} tokens, more than the model's vocab_size "
+                          f"{config.vocab_size}")
+    return config, params, tok
+
+
+# -----------------------------------------------------------------------------
+# 3. Streaming text
+
+
+class TextStream:
+    """Writes the text of token ids to `out` as the ids arrive, one whole character at a time.
+
+    Example: "€" is the 3 bytes E2 82 AC. If one token is E2 82 and the next AC, then after
+    the first, decode gives "\ufffd" (an unfinished character): nothing is written yet; after
+    the second it gives "€", which is written. A trailing "\ufffd" is held back until a later
+    token settles it or finish() is called (the model did write bytes that are not UTF-8).
+    """
+
+    def __init__(self, tok, out):
+        self.tok, self.out = tok, out
+        self.ids = []
+        self.written = ""  # the text written so far, a prefix of decode(ids)
+
+    def add(self, token_id):
+        self.ids.append(token_id)
+        text = self.tok.decode(self.ids)
+        self._write(text.rstrip(REPLACEMENT))
+
+    def finish(self):
+        self._write(self.tok.decode(self.ids))
+
+    def _write(self, text):
+        if len(text) > len(self.written):
+            self.out.write(text[len(self.written):])
+            self.out.flush()
+            self.written = text
+
+
+# -----------------------------------------------------------------------------
+# Evaluation: the share of sampled completions that are valid Python
+
+
+def is_valid_python(text):
+    """Whether ast.parse accepts text. is_valid_python("x = 1\\n") -> True; ("x = (\\n") -> False."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # e.g. SyntaxWarning for "\d" in a string
+            ast.parse(text)
+        return True
+    except (SyntaxError, ValueError, RecursionError, MemoryError):  # ValueError: a null byte
+        return False
+
+
+def eval_prompts(texts):
+    """parse_rate's prompts: the first line of each text (held-out documents), DEFAULT_PROMPTS
+    if there are none. Example: ["import os\\nimport sys\\n"] -> ["import os\\n"]."""
+    prompts = [text.splitlines(keepends=True)[0] for text in texts if text.strip()]
+    return prompts or list(DEFAULT_PROMPTS)
+
+
+def parse_rate(params, config, tok, prompts, n_samples, max_new_tokens=128, temperature=0.8,
+               top_k=0, top_p=0.95, seed=0):
+    """Sample n_samples completions and return how many ast.parse accepts, as a dict:
+    {"parse_rate": parsed / n_samples (None for 0 samples), "parsed", "samples", and the settings}.
+
+    Sample i continues prompts[i % len(prompts)] with seed + i. Its text is the prompt plus the
+    completion; when the model ran out of max_new_tokens instead of writing <|endoftext|>, the
+    unfinished last line is dropped (cut after the last newline) before parsing.
+    """
+    if n_samples < 0 or not prompts:
+        raise ValueError("parse_rate needs n_samples >= 0 and at least one prompt")
+    parsed = 0
+    for i in range(n_samples):
+        prompt = prompts[i % len(prompts)]
+        new_ids = albor.generate(params, config, tok.encode(prompt), max_new_tokens, temperature,
+                                 top_k, top_p, seed=seed + i, eos_id=EOT_ID, vocab_size=tok.vocab_size)
+        text = prompt + tok.decode(new_ids)
+        if len(new_ids) == max_new_tokens:  # cut off, not finished: drop the partial last line
+            text = text[:text.rfind("\n") + 1]
+        parsed += is_valid_python(text)
+    return {"parse_rate": parsed / n_samples if n_samples else None, "parsed": parsed,
+            "samples": n_samples, "max_new_tokens": max_new_tokens, "temperature": temperature,
+            "top_k": top_k, "top_p": top_p, "seed": seed}
+
+
+# -----------------------------------------------------------------------------
+# The command line
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(
+        prog="sample.py",
+        description="Continue a prompt with a trained albor checkpoint, printing tokens as they "
+                    "are drawn. Stops at <|endoftext|> or after --max-new-tokens tokens. A prompt "
+                    "too long for the model's context is cut from the left (keeping its last "
+                    "max_position_embeddings - max-new-tokens tokens).",
+        epilog="example:\n  python sample.py --checkpoint checkpoints/albor-base-50m --prompt \"def fib(n):\"",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", required=True, metavar="DIR",
+                        help="checkpoint folder (model.safetensors, config.json, tokenizer.json)")
+    parser.add_argument("--prompt", required=True, help="the text to continue")
+    parser.add_argument("--max-new-tokens", type=int, default=200, metavar="N",
+                        help="most tokens to generate (default: 200)")
+    parser.add_argument("--temperature", type=float, default=0.8,
+                        help="divide the logits by this; 0 = greedy (default: 0.8)")
+    parser.add_argument("--top-k", type=int, default=0, metavar="K",
+                        help="draw only from the K most likely tokens; 0 = all (default: 0)")
+    parser.add_argument("--top-p", type=float, default=0.95, metavar="P",
+                        help="draw only from the smallest set of most likely tokens whose "
+                             "probability reaches P; 1 = all (default: 0.95)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed: same seed, same text (default: 0)")
+    return parser
+
+
+def main(argv=None):
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.max_new_tokens < 1:
+        parser.error("--max-new-tokens must be at least 1")
+    if not args.temperature >= 0 or args.temperature == float("inf"):
+        parser.error("--temperature must be a finite number >= 0")
+    if args.top_k < 0:
+        parser.error("--top-k must be 0 or more")
+    if not 0 < args.top_p <= 1:
+        parser.error("--top-p must lie in (0, 1]")
+    if not args.prompt:
+        parser.error("--prompt is empty")
+    try:
+        config, params, tok = load(args.checkpoint)
+    except SampleError as e:
+        raise SystemExit(f"sample.py: error: {e}") from None
+    context = config.max_position_embeddings
+    if args.max_new_tokens >= context:
+        raise SystemExit(f"sample.py: error: --max-new-tokens {args.max_new_tokens} leaves no room for "
+                         f"the prompt in the model's context of {context} tokens")
+    prompt_ids = tok.encode(args.prompt)
+    room = context - args.max_new_tokens
+    if len(prompt_ids) > room:
+        print(f"note: the prompt has {len(prompt_ids)} tokens; the model sees its last {room} "
+              f"(context {context} - max-new-tokens {args.max_new_tokens})", file=sys.stderr)
+
+    sys.stdout.write(args.prompt)
+    sys.stdout.flush()
+    stream = TextStream(tok, sys.stdout)
+    start = time.perf_counter()
+    new_ids = albor.generate(params, config, prompt_ids, args.max_new_tokens, args.temperature,
+                             args.top_k, args.top_p, seed=args.seed, eos_id=EOT_ID,
+                             on_token=stream.add, vocab_size=tok.vocab_size)
+    stream.finish()
+    seconds = time.perf_counter() - start
+    sys.stdout.write("\n")
+    ending = "<|endoftext|>" if len(new_ids) < args.max_new_tokens else "--max-new-tokens"
+    print(f"[{len(new_ids)} tokens in {seconds:.1f} s ({len(new_ids) / seconds:.1f} tokens/s); "
+          f"stopped by {ending}]", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
