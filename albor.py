@@ -184,8 +184,11 @@ def embedding_backward(dwte, dout, idx):
     A token that occurs several times collects the sum of its rows. `add.at` adds repeated
     indices one after another (a plain `dwte[idx] += dout` would keep only one of them), in a
     fixed order on NumPy, so the result is deterministic. (CuPy's add.at uses atomic adds: same
-    sums, but the order, and so the last bits, can vary from run to run.)
+    sums, but the order, and so the last bits, can vary from run to run; on the GPU the
+    kernels.cu version runs instead: the same additions in NumPy's order, no atomics.)
     """
+    if _use_kernels(dwte, dout):
+        return launch_embedding_backward(kernel_module(), xp, dwte, dout, idx)
     # out = wte[idx]
     xp.add.at(dwte, idx.reshape(-1), dout.reshape(-1, dout.shape[-1]))
 
@@ -198,6 +201,8 @@ def rmsnorm_forward(x, weight, eps):
 
     Returns (out, rstd) with rstd (..., 1) = 1 / sqrt(mean(x**2) + eps), which backward needs.
     """
+    if _use_kernels(x, weight):
+        return launch_rmsnorm_forward(kernel_module(), xp, x, weight, eps)
     rstd = 1.0 / xp.sqrt(xp.mean(x * x, axis=-1, keepdims=True) + eps)  # (..., 1)
     out = x * rstd  # (..., C) the normalized x, "xhat"
     out *= weight
@@ -206,6 +211,8 @@ def rmsnorm_forward(x, weight, eps):
 
 def rmsnorm_backward(dout, x, weight, rstd):
     """Gradients of out = (x * rstd) * weight: returns (dx (..., C), dweight (C,))."""
+    if _use_kernels(dout, x, weight, rstd):
+        return launch_rmsnorm_backward(kernel_module(), xp, dout, x, weight, rstd)
     C = x.shape[-1]
     xhat = x * rstd  # (..., C)
     dweight = (dout * xhat).reshape(-1, C).sum(axis=0)  # (C,)
@@ -290,6 +297,8 @@ def attention_forward(q, k, v):
     Returns out (B, H, T, D) and lse (B, H, T), the natural-log sum-exp of each row of scaled,
     masked scores (what a FlashAttention kernel saves: backward rebuilds the softmax from it).
     """
+    if _use_kernels(q, k, v) and attention_kernel_fits(q.shape[-1]):
+        return launch_attention_forward(kernel_module(), xp, q, k, v)
     B, H, T, D, KVH, group = _attention_shapes(q, k)
     scale = 1.0 / math.sqrt(D)  # a Python float: keeps float32 arrays float32
     qg = q.reshape(B, KVH, group * T, D)  # a view when q is C-contiguous
@@ -309,6 +318,8 @@ def attention_forward(q, k, v):
 def attention_backward(dout, q, k, v, out, lse):
     """Gradients of attention_forward: returns dq (B, H, T, D), dk and dv (B, KVH, T, D),
     dk/dv summed over the query heads of each group. dout and out are (B, H, T, D)."""
+    if _use_kernels(dout, q, k, v, out, lse) and attention_kernel_fits(q.shape[-1]):
+        return launch_attention_backward(kernel_module(), xp, dout, q, k, v, out, lse)
     B, H, T, D, KVH, group = _attention_shapes(q, k)
     scale = 1.0 / math.sqrt(D)
     qg = q.reshape(B, KVH, group * T, D)
@@ -350,6 +361,8 @@ def _sigmoid(x):
 
 def swiglu_forward(gate, up):
     """h = silu(gate) * up with silu(g) = g * sigmoid(g). gate, up (N, F) -> h (N, F)."""
+    if _use_kernels(gate, up):
+        return launch_swiglu_forward(kernel_module(), xp, gate, up)
     h = _sigmoid(gate)
     h *= gate
     h *= up
@@ -358,6 +371,8 @@ def swiglu_forward(gate, up):
 
 def swiglu_backward(dh, gate, up):
     """Gradients of h = gate * sigmoid(gate) * up: returns (dgate, dup)."""
+    if _use_kernels(dh, gate, up):
+        return launch_swiglu_backward(kernel_module(), xp, dh, gate, up)
     sig = _sigmoid(gate)
     silu = gate * sig
     dup = dh * silu
@@ -384,7 +399,10 @@ def cross_entropy_forward(logits, targets):
     logits (N, V), OVERWRITTEN with the softmax probabilities; targets (N,) int.
     Returns (loss as a Python float, probs = the same buffer, number of counted rows).
     Example: logits all 0 over V classes -> loss = ln(V) whatever the targets.
+    (On the GPU path the buffer returned holds dlogits instead: see the GPU kernels section.)
     """
+    if _use_kernels(logits):
+        return _cross_entropy_forward_kernel(logits, targets)
     N = logits.shape[0]
     valid = targets != IGNORE_INDEX  # (N,)
     n_valid = int(valid.sum())
@@ -411,6 +429,8 @@ def cross_entropy_backward(probs, targets, loss_scale=1.0):
 
     probs (N, V) from cross_entropy_forward (OVERWRITTEN and returned as dlogits).
     """
+    if _use_kernels(probs):
+        return _cross_entropy_backward_kernel(probs, loss_scale)
     # loss = (1 / n_valid) * sum over valid rows of -log probs[row, target[row]], so
     # dlogits[row] = (probs[row] - onehot(target[row])) / n_valid, and 0 for ignored rows
     valid = targets != IGNORE_INDEX
@@ -824,6 +844,500 @@ def generate(params, config, prompt_ids, max_new_tokens, temperature=1.0, top_k=
 
 
 # -----------------------------------------------------------------------------
+# GPU kernels: kernels.cu on the GPU, low-precision matmuls, loss scaling, step clocks
+#
+# On the CuPy backend the layers above hand their work to the hand-written CUDA kernels of
+# kernels.cu. Each layer function that has a kernel starts with
+#     if _use_kernels(its arrays): return launch_X(kernel_module(), xp, ...)
+# and otherwise runs its NumPy/CuPy code, which stays THE reference: the tests check every
+# kernel against it, and ALBOR_KERNELS=0 (or `albor.USE_KERNELS = False`) runs it on a GPU as
+# well, so the two paths can be compared there. Layers with kernels: embedding_backward,
+# rmsnorm_*, attention_*, swiglu_*, cross_entropy_* (one fused kernel) and AdamW.step; the
+# matmuls are cuBLAS's (through CuPy, or `matmul` below for --dtype tf32/bf16/fp16) and RoPE
+# stays in CuPy.
+#
+# kernels.cu is compiled once per process, on first use, by cupy.RawModule (NVRTC); CuPy keeps
+# the compiled code in its on-disk kernel cache, so a later process only loads it. The launch_*
+# functions take that module and xp as arguments: the tests hand them
+# tests/kernel_emu.EmuModule (the same kernels.cu compiled for the CPU) and NumPy, which runs
+# every launch, and the whole model through them, on a machine without a GPU.
+#
+# Determinism: the kernels use no atomics (each output is summed by one thread in a fixed
+# order), cuBLAS gives the same bits for the same call on the same GPU, and CuPy's reductions
+# and sorts are fixed trees. The one atomic-based op the reference path uses, xp.add.at in
+# embedding_backward, has a kernel here (embedding_backward). So float32 training on the GPU
+# gives the same checkpoint bytes run after run (tests/test_gpu_path.py checks it on a GPU).
+#
+# Host-device traffic in a training step on the GPU: the micro-batch's token ids go up, and
+# Python numbers come down only where a Python value is needed: the loss (forward returns a
+# float), the count of counted targets (the cross-entropy kernel's 1/n scale), the grad norm
+# (clip_grad_norm, one sum for all parameters), and forward's checks of the token ids' range.
+# Nothing else waits for the GPU.
+
+import time
+
+
+def _kernels_setting():
+    """ALBOR_KERNELS: "1" (default) uses kernels.cu on a GPU, "0" runs the reference code there."""
+    value = os.environ.get("ALBOR_KERNELS", "1").strip() or "1"
+    if value not in ("0", "1"):
+        raise ValueError(f"ALBOR_KERNELS must be 0 (reference code) or 1 (kernels.cu), got {value!r}")
+    return value == "1"
+
+
+KERNELS_CU = os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernels.cu")
+USE_KERNELS = BACKEND == "cupy" and _kernels_setting()  # read at call time: tests flip it
+KERNEL_MODULE = None  # kernels.cu compiled (cupy.RawModule), made on first use; tests put the
+                      # CPU emulator (tests/kernel_emu.EmuModule) here
+
+
+def kernel_module():
+    """kernels.cu as a module with get_function(name), compiled on the first call only."""
+    global KERNEL_MODULE
+    if KERNEL_MODULE is None:
+        with open(KERNELS_CU, encoding="utf-8") as f:
+            KERNEL_MODULE = xp.RawModule(code=f.read())
+    return KERNEL_MODULE
+
+
+def _use_kernels(*arrays):
+    """Whether a layer runs its kernels.cu version: USE_KERNELS is on and every array is
+    float32, the kernels' only dtype (float64 runs, like the gradient checks, take the
+    reference code)."""
+    return USE_KERNELS and all(a.dtype == np.float32 for a in arrays)
+
+
+# kernels.cu's launch constants (tests/test_kernels.py checks them against its #defines)
+ATTN_ROWS = 64           # query (or key) rows per attention block
+ATTN_THREADS = 256       # threads per attention block: 4 per row
+ATTN_MAX_HEAD_DIM = 128
+WARP_ROWS_THREADS = 256  # rmsnorm / delta kernels: a warp per row, 8 rows per block
+ELEMENTWISE_THREADS = 256
+CE_THREADS = 256         # cross-entropy: one block per row
+EMBEDDING_THREADS = 128  # embedding_backward: one block per vocabulary row
+
+
+def _blocks(n, per_block):
+    return max(1, math.ceil(n / per_block))
+
+
+def _check_float32(**arrays):
+    """Arrays a kernel reads or writes in place must be C-contiguous float32."""
+    for name, a in arrays.items():
+        if a.dtype != np.float32 or not a.flags.c_contiguous:
+            raise ValueError(f"{name} must be a C-contiguous float32 array, got {a.dtype} "
+                             f"{'contiguous' if a.flags.c_contiguous else 'strided'}")
+
+
+def attention_kernel_fits(head_dim):
+    """The attention kernels hold a row's head dims in registers, 4 threads per row."""
+    return head_dim % 4 == 0 and 4 <= head_dim <= ATTN_MAX_HEAD_DIM
+
+
+def _kernel_attention_shapes(q, k, v):
+    if q.ndim != 4 or k.ndim != 4:
+        raise ValueError(f"attention: q must be (B, H, T, D) and k, v (B, KVH, T, D), got "
+                         f"{q.shape} and {k.shape}")
+    B, H, T, D = q.shape
+    KVH = k.shape[1]
+    if KVH == 0 or H % KVH or k.shape != (B, KVH, T, D) or v.shape != k.shape:
+        raise ValueError(f"attention: q {q.shape}, k {k.shape}, v {v.shape} are not (B,H,T,D) "
+                         "and (B,KVH,T,D) with H divisible by KVH")
+    if not attention_kernel_fits(D):
+        raise ValueError(f"attention kernels need a head dim that is a multiple of 4 and at most "
+                         f"{ATTN_MAX_HEAD_DIM}, got {D}")
+    return B, H, T, D, KVH
+
+
+# Each launch_X(module, xp, ...) takes and returns arrays shaped like albor's X (named in its
+# docstring), makes its inputs C-contiguous (a no-op for the model's arrays), allocates its
+# outputs with xp and passes every scalar as np.int32 / np.float32: CuPy would pass a Python
+# int as int64 and a float as double, which a kernel taking int / float misreads.
+
+
+def launch_embedding_backward(module, xp, dwte, dout, idx):
+    """embedding_backward: ADD the rows of dout (..., C) into dwte (V, C) at idx (...), in place.
+
+    Sorts keys = token * N + position (int64) so that each token's positions lie together in
+    increasing order; the kernel's block v sums token v's rows in that order (see kernels.cu).
+    """
+    _check_float32(dwte=dwte)
+    V, C = dwte.shape
+    dout = xp.ascontiguousarray(dout.reshape(-1, C), dtype=xp.float32)  # (N, C)
+    N = dout.shape[0]
+    keys = idx.reshape(-1).astype(xp.int64) * N + xp.arange(N, dtype=xp.int64)  # (N,)
+    keys.sort()
+    module.get_function("embedding_backward")(
+        (V,), (EMBEDDING_THREADS,), (keys, dout, dwte, np.int32(N), np.int32(C)))
+
+
+def launch_attention_forward(module, xp, q, k, v):
+    """attention_forward: q (B,H,T,D), k, v (B,KVH,T,D) -> out (B,H,T,D), lse (B,H,T)."""
+    B, H, T, D, KVH = _kernel_attention_shapes(q, k, v)
+    q, k, v = (xp.ascontiguousarray(a) for a in (q, k, v))
+    _check_float32(q=q, k=k, v=v)
+    out = xp.empty((B, H, T, D), dtype=xp.float32)
+    lse = xp.empty((B, H, T), dtype=xp.float32)
+    module.get_function("attention_forward")(
+        (_blocks(T, ATTN_ROWS), B * H), (ATTN_THREADS,),
+        (q, k, v, out, lse, np.int32(H), np.int32(KVH), np.int32(T), np.int32(D)))
+    return out, lse
+
+
+def launch_attention_backward(module, xp, dout, q, k, v, out, lse):
+    """attention_backward: returns dq (B,H,T,D), dk, dv (B,KVH,T,D)."""
+    B, H, T, D, KVH = _kernel_attention_shapes(q, k, v)
+    dout, q, k, v, out, lse = (xp.ascontiguousarray(a) for a in (dout, q, k, v, out, lse))
+    _check_float32(dout=dout, q=q, k=k, v=v, out=out, lse=lse)
+    if dout.shape != q.shape or out.shape != q.shape or lse.shape != (B, H, T):
+        raise ValueError(f"attention_backward: dout {dout.shape}, out {out.shape} must be "
+                         f"{q.shape} and lse {lse.shape} must be {(B, H, T)}")
+    delta = xp.empty((B, H, T), dtype=xp.float32)
+    rows = B * H * T
+    module.get_function("attention_backward_preprocess")(
+        (_blocks(rows, WARP_ROWS_THREADS // 32),), (WARP_ROWS_THREADS,),
+        (out, dout, delta, np.int32(rows), np.int32(D)))
+    dq = xp.empty_like(q)
+    dk = xp.empty_like(k)
+    dv = xp.empty_like(v)
+    sizes = (np.int32(H), np.int32(KVH), np.int32(T), np.int32(D))
+    module.get_function("attention_backward_dkdv")(
+        (_blocks(T, ATTN_ROWS), B * KVH), (ATTN_THREADS,),
+        (q, k, v, dout, lse, delta, dk, dv) + sizes)
+    module.get_function("attention_backward_dq")(
+        (_blocks(T, ATTN_ROWS), B * H), (ATTN_THREADS,),
+        (q, k, v, dout, lse, delta, dq) + sizes)
+    return dq, dk, dv
+
+
+def launch_rmsnorm_forward(module, xp, x, weight, eps):
+    """rmsnorm_forward: x (..., C), weight (C,) -> out (..., C), rstd (..., 1)."""
+    x, weight = xp.ascontiguousarray(x), xp.ascontiguousarray(weight)
+    _check_float32(x=x, weight=weight)
+    C = x.shape[-1]
+    rows = x.size // C
+    out = xp.empty_like(x)
+    rstd = xp.empty(x.shape[:-1] + (1,), dtype=xp.float32)
+    module.get_function("rmsnorm_forward")(
+        (_blocks(rows, WARP_ROWS_THREADS // 32),), (WARP_ROWS_THREADS,),
+        (x, weight, out, rstd, np.int32(rows), np.int32(C), np.float32(eps)))
+    return out, rstd
+
+
+def launch_rmsnorm_backward(module, xp, dout, x, weight, rstd):
+    """rmsnorm_backward: returns dx (..., C), dweight (C,)."""
+    dout, x, weight, rstd = (xp.ascontiguousarray(a) for a in (dout, x, weight, rstd))
+    _check_float32(dout=dout, x=x, weight=weight, rstd=rstd)
+    C = x.shape[-1]
+    rows = x.size // C
+    dx = xp.empty_like(x)
+    dweight = xp.empty((C,), dtype=xp.float32)
+    module.get_function("rmsnorm_backward")(
+        (_blocks(rows, WARP_ROWS_THREADS // 32),), (WARP_ROWS_THREADS,),
+        (dout, x, weight, rstd, dx, np.int32(rows), np.int32(C)))
+    module.get_function("rmsnorm_backward_weight")(
+        (_blocks(C, 32),), (32, 8), (dout, x, rstd, dweight, np.int32(rows), np.int32(C)))
+    return dx, dweight
+
+
+def launch_swiglu_forward(module, xp, gate, up):
+    """swiglu_forward: h = silu(gate) * up, any matching shapes."""
+    gate, up = xp.ascontiguousarray(gate), xp.ascontiguousarray(up)
+    _check_float32(gate=gate, up=up)
+    out = xp.empty_like(gate)
+    module.get_function("swiglu_forward")(
+        (_blocks(gate.size, ELEMENTWISE_THREADS),), (ELEMENTWISE_THREADS,),
+        (gate, up, out, np.int32(gate.size)))
+    return out
+
+
+def launch_swiglu_backward(module, xp, dh, gate, up):
+    """swiglu_backward: returns (dgate, dup)."""
+    dh, gate, up = (xp.ascontiguousarray(a) for a in (dh, gate, up))
+    _check_float32(dh=dh, gate=gate, up=up)
+    dgate = xp.empty_like(gate)
+    dup = xp.empty_like(up)
+    module.get_function("swiglu_backward")(
+        (_blocks(gate.size, ELEMENTWISE_THREADS),), (ELEMENTWISE_THREADS,),
+        (dh, gate, up, dgate, dup, np.int32(gate.size)))
+    return dgate, dup
+
+
+def launch_cross_entropy_forward_backward(module, xp, logits, targets, loss_scale=1.0):
+    """cross_entropy_forward then cross_entropy_backward, fused.
+
+    logits (N, V) float32 is OVERWRITTEN with dlogits (the gradient of loss_scale * mean loss);
+    targets (N,) int. Returns (mean loss over the counted rows as a Python float, dlogits,
+    number of counted rows).
+    """
+    _check_float32(logits=logits)
+    N, V = logits.shape
+    targets = xp.ascontiguousarray(targets, dtype=xp.int32)
+    n_valid = int((targets != IGNORE_INDEX).sum())
+    if n_valid == 0:
+        raise ValueError("every target is IGNORE_INDEX: the mean loss over no tokens is undefined")
+    losses = xp.empty((N,), dtype=xp.float32)
+    module.get_function("cross_entropy_forward_backward")(
+        (N,), (CE_THREADS,),
+        (logits, targets, losses, np.int32(V), np.float32(loss_scale / n_valid)))
+    loss = float(losses.sum(dtype=xp.float64)) / n_valid
+    return loss, logits, n_valid
+
+
+def launch_adamw_update(module, param, grad, m, v, lr, beta1, beta2, eps, weight_decay, t):
+    """One AdamW.step for one tensor, in place (t = the update number, from 1)."""
+    _check_float32(param=param, grad=grad, m=m, v=v)
+    module.get_function("adamw_update")(
+        (_blocks(param.size, ELEMENTWISE_THREADS),), (ELEMENTWISE_THREADS,),
+        (param, grad, m, v, np.int32(param.size), np.float32(lr), np.float32(beta1),
+         np.float32(beta2), np.float32(eps), np.float32(weight_decay),
+         np.float32(1.0 - beta1 ** t), np.float32(1.0 - beta2 ** t)))
+
+
+# --- the cross-entropy pair on the kernel path ----------------------------------
+# The kernel fuses forward and backward (one read of the (N, V) logits instead of several), so
+# on this path cross_entropy_forward leaves in the logits' buffer not the probabilities but
+# dlogits of the mean loss (loss_scale 1), and cross_entropy_backward only multiplies that by
+# its loss_scale. Both branches test _use_kernels on the same buffer: switch USE_KERNELS
+# between steps, not between a forward and its backward.
+
+
+def _cross_entropy_forward_kernel(logits, targets):
+    loss, dlogits, n_valid = launch_cross_entropy_forward_backward(kernel_module(), xp, logits,
+                                                                   targets, 1.0)
+    return loss, dlogits, n_valid
+
+
+def _cross_entropy_backward_kernel(dlogits, loss_scale):
+    if loss_scale != 1.0:
+        dlogits *= np.float32(loss_scale)
+    return dlogits
+
+
+# --- low-precision matmuls: --dtype fp32 | tf32 | bf16 | fp16 -----------------------------
+# The weights stay float32 (the "master" copy AdamW updates, with float32 m and v), and so do
+# the activations and every layer outside the matmuls. Only the linear layers' products
+# (`matmul` below) change: cuBLAS's GemmEx reads the float32 arrays, rounds the inputs to the
+# chosen format INSIDE the product, multiplies on the tensor cores, and adds up and writes
+# float32 (cublasComputeType_t CUBLAS_COMPUTE_32F_FAST_TF32 / _FAST_16BF / _FAST_16F; cuBLAS may
+# also pick TF32 for the last two, "allows down-converting inputs to half or TF32"). No
+# float16 copies of the weights are kept, nothing is cast by hand.
+#   tf32  10-bit mantissa, float32's range       no loss scaling needed
+#   bf16   7-bit mantissa, float32's range       no loss scaling needed
+#   fp16  10-bit mantissa, range 6e-8 .. 65504   gradients underflow: LossScaler below
+# What a CPU can and cannot check: tests/test_gpu_path.py checks the row-major -> column-major
+# argument mapping of the GemmEx call on the CPU (a NumPy model of cuBLAS's GEMM), and that a
+# CPU refuses anything but fp32. The call itself, its speed and its rounding are checked only on
+# a GPU (the gpu-marked tests).
+
+MATMUL_DTYPES = ("fp32", "tf32", "bf16", "fp16")
+MATMUL_DTYPE = "fp32"  # set with set_matmul_dtype
+_CUBLAS_COMPUTE_TYPES = {"tf32": 77, "bf16": 75, "fp16": 74}  # CUBLAS_COMPUTE_32F_FAST_TF32,
+                                                              # _FAST_16BF, _FAST_16F (cublas_api.h)
+_CUDA_R_32F = 0                          # cudaDataType_t of float32 (library_types.h)
+_CUBLAS_OP_N, _CUBLAS_OP_T = 0, 1        # cublasOperation_t
+_CUBLAS_GEMM_DEFAULT = -1                # cublasGemmAlgo_t: let cuBLAS choose
+
+
+def set_matmul_dtype(name):
+    """Set the precision of the linear layers' matmuls for this process: "fp32" (the default,
+    plain float32) or, on a GPU only, "tf32", "bf16" or "fp16"."""
+    global MATMUL_DTYPE
+    if name not in MATMUL_DTYPES:
+        raise ValueError(f"matmul dtype must be one of {', '.join(MATMUL_DTYPES)}, got {name!r}")
+    if name != "fp32" and BACKEND != "cupy":
+        raise ValueError(f"dtype {name} needs a GPU (the CuPy backend); on the CPU albor computes "
+                         "in float32 only (use fp32)")
+    MATMUL_DTYPE = name
+
+
+def matmul(a, b):
+    """a @ b for a linear layer: a (M, K), b (K, N) -> (M, N), in MATMUL_DTYPE's precision.
+
+    fp32 (and anything that is not two float32 matrices): exactly `a @ b`. Otherwise one
+    cublasGemmEx call on the float32 arrays (see above); a weight's transposed view w.T is
+    read in place, as `@` does.
+    """
+    if (MATMUL_DTYPE == "fp32" or a.ndim != 2 or b.ndim != 2 or a.dtype != np.float32
+            or b.dtype != np.float32 or a.size == 0 or b.size == 0):
+        return a @ b
+    from cupy.cuda import device  # the GPU path only
+    from cupy_backends.cuda.libs import cublas
+    out = xp.empty((a.shape[0], b.shape[1]), dtype=xp.float32)
+    plan = _gemm_plan(a, b)
+    one, zero = np.ones((), np.float32), np.zeros((), np.float32)  # host alpha and beta
+    cublas.gemmEx(device.get_cublas_handle(), plan["op_b"], plan["op_a"], plan["m"], plan["n"],
+                  plan["k"], one.ctypes.data, plan["b"].data.ptr, _CUDA_R_32F, plan["ld_b"],
+                  plan["a"].data.ptr, _CUDA_R_32F, plan["ld_a"], zero.ctypes.data, out.data.ptr,
+                  _CUDA_R_32F, plan["ld_out"], _CUBLAS_COMPUTE_TYPES[MATMUL_DTYPE],
+                  _CUBLAS_GEMM_DEFAULT)
+    return out
+
+
+def _cublas_operand(x):
+    """(array, op, leading dimension) that hands the row-major matrix x (R, S) to column-major
+    cuBLAS as x^T (S, R). C-contiguous x: its memory read column-major IS x^T (S rows, ld S),
+    op N. F-contiguous x (a transposed view like w.T): its memory read column-major is x
+    (R rows, ld R), op T. Anything else is copied to C order first."""
+    if x.flags.c_contiguous:
+        return x, _CUBLAS_OP_N, x.shape[1]
+    if x.flags.f_contiguous:
+        return x, _CUBLAS_OP_T, x.shape[0]
+    x = xp.ascontiguousarray(x)
+    return x, _CUBLAS_OP_N, x.shape[1]
+
+
+def _gemm_plan(a, b):
+    """The cublasGemmEx arguments for out (M, N) = a (M, K) @ b (K, N), all row-major.
+
+    cuBLAS is column-major: the row-major out is, read column-major, out^T (N, M). So ask it
+    for out^T = b^T @ a^T: first operand b^T (m = N rows, k = K), second a^T (k = K, n = M),
+    result leading dimension N.
+    Example: a (2, 3) C-contiguous, b = w.T with w (4, 3) C-contiguous: m=4, n=2, k=3;
+    b^T = w is w's memory with op T, ld 3; a^T is a's memory with op N, ld 3; ld_out 4.
+    """
+    M, K = a.shape
+    N = b.shape[1]
+    b, op_b, ld_b = _cublas_operand(b)
+    a, op_a, ld_a = _cublas_operand(a)
+    return dict(m=N, n=M, k=K, a=a, op_a=op_a, ld_a=ld_a, b=b, op_b=op_b, ld_b=ld_b, ld_out=N)
+
+
+# --- dynamic loss scaling (fp16) -------------------------------------------------
+
+
+class LossScaler:
+    """Dynamic loss scaling for float16 matmuls (train.py --dtype fp16). Backend-free.
+
+    float16 holds magnitudes from 6e-8 to 65504, and many gradients are smaller than 6e-8:
+    rounded to float16 on their way into a matmul, they would become 0. So the backward is
+    run on scale * loss (backward's loss_scale): every gradient is `scale` times larger, clear
+    of underflow. Before clipping and the optimizer step they are divided by the scale again
+    (`unscale`: the scale is a power of two, so that is exact). Too large a scale overflows:
+    some gradient becomes inf or NaN. Then the step is skipped (weights and optimizer state
+    stay as they were) and the scale is multiplied by `backoff`; after `growth_interval`
+    steps in a row without overflow it is multiplied by `growth`, probing again for the
+    largest scale that works.
+
+    Overflow is read off the global gradient norm: the norm of a set of gradients is finite
+    exactly when every gradient is, so the one number the step fetches anyway decides.
+
+    >>> scaler = LossScaler(scale=8.0, growth_interval=2)
+    >>> scaler.update(grads_finite=False), scaler.scale   # overflow: skip the step, halve
+    (False, 4.0)
+    >>> scaler.update(True), scaler.update(True), scaler.scale   # 2 good steps: double
+    (True, True, 8.0)
+    """
+
+    def __init__(self, scale=2.0 ** 16, growth_interval=2000, backoff=0.5, growth=2.0,
+                 min_scale=1.0):
+        if not (scale > 0 and math.log2(scale).is_integer()):
+            raise ValueError(f"loss scale must be a power of two, got {scale}")
+        if not (growth_interval >= 1 and 0 < backoff < 1 and growth > 1):
+            raise ValueError("LossScaler needs growth_interval >= 1, 0 < backoff < 1, growth > 1")
+        self.scale = float(scale)
+        self.growth_interval = int(growth_interval)
+        self.backoff = float(backoff)
+        self.growth = float(growth)
+        self.min_scale = float(min_scale)
+        self.good_steps = 0     # steps in a row without overflow
+        self.skipped = 0        # steps skipped so far
+
+    def unscale(self, grads):
+        """Divide every gradient by the scale, in place (inf and NaN stay inf and NaN)."""
+        inverse = 1.0 / self.scale
+        for g in grads.values():
+            g *= inverse
+
+    def update(self, grads_finite):
+        """Adjust the scale after a step's gradients were computed; True: take the step."""
+        if not grads_finite:
+            if self.scale <= self.min_scale:
+                raise FloatingPointError(f"gradients overflow even at loss scale {self.scale:g}: "
+                                         "the model itself diverges, not the float16 range")
+            self.scale = max(self.scale * self.backoff, self.min_scale)
+            self.good_steps = 0
+            self.skipped += 1
+            return False
+        self.good_steps += 1
+        if self.good_steps == self.growth_interval:
+            self.scale *= self.growth
+            self.good_steps = 0
+        return True
+
+    def step(self, optimizer, params, grads, lr, max_norm):
+        """train.py's update with scaled gradients: unscale, clip the global norm, and take the
+        optimizer step unless a gradient overflowed. Returns (grad norm, whether it stepped)."""
+        self.unscale(grads)
+        norm = clip_grad_norm(grads, max_norm)
+        stepped = self.update(math.isfinite(norm))
+        if stepped:
+            optimizer.step(params, grads, lr)
+        return norm, stepped
+
+    def state(self):
+        return {"scale": self.scale, "good_steps": self.good_steps, "skipped": self.skipped}
+
+    def load_state(self, state):
+        self.scale = float(state["scale"])
+        self.good_steps = int(state["good_steps"])
+        self.skipped = int(state["skipped"])
+
+
+# --- timing a step's phases without stopping the GPU ----------------------------
+
+
+class PhaseClock:
+    """Seconds per phase of a step (forward, backward, optimizer, ...), summed over steps.
+
+    On the GPU work is queued and runs later, so a host clock read between phases measures
+    the queueing unless it waits for the GPU, and waiting at every phase costs time. Here
+    `mark(phase)` records a CUDA event on the stream (cupy.cuda.Event: the GPU timestamps it
+    when it gets there), and `collect()` waits once, for the last event, and adds up the GPU
+    time between consecutive events. On NumPy a mark simply reads time.perf_counter.
+
+    >>> clock = PhaseClock(); clock.start(); clock.mark("forward"); clock.mark("backward")
+    >>> sorted(clock.collect())
+    ['backward', 'forward']
+    """
+
+    def __init__(self):
+        self.seconds = {}
+        self._marks = []   # (phase, event or time) since start()
+
+    def _now(self):
+        if BACKEND == "cupy":
+            event = xp.cuda.Event()
+            event.record()
+            return event
+        return time.perf_counter()
+
+    def start(self):
+        self._marks = [(None, self._now())]
+
+    def mark(self, phase):
+        """The phase that began at the previous mark (or start) ends now."""
+        self._marks.append((phase, self._now()))
+
+    def collect(self):
+        """Wait for the last mark, add each phase's time into self.seconds; returns this
+        step's {phase: seconds}."""
+        step = {}
+        if BACKEND == "cupy":
+            self._marks[-1][1].synchronize()
+        for (_, before), (phase, after) in zip(self._marks, self._marks[1:]):
+            if BACKEND == "cupy":
+                elapsed = xp.cuda.get_elapsed_time(before, after) / 1000.0  # ms -> s
+            else:
+                elapsed = after - before
+            step[phase] = step.get(phase, 0.0) + elapsed
+        for phase, elapsed in step.items():
+            self.seconds[phase] = self.seconds.get(phase, 0.0) + elapsed
+        self._marks = []
+        return step
+
+
+# -----------------------------------------------------------------------------
 # Optimization: AdamW, learning-rate schedule, gradient clipping, checkpoints
 #
 # Everything train.py needs to update the weights and to save and load them.
@@ -918,6 +1432,11 @@ class AdamW:
         inv_sqrt_bias_correction2 = 1.0 / math.sqrt(bias_correction2)
         for name, p in params.items():
             g, m, v = grads[name], self.m[name], self.v[name]
+            if _use_kernels(p, g, m, v):                  # GPU: kernels.cu's fused update
+                decay = self.weight_decay if is_decayed(name, p.shape) else 0.0
+                launch_adamw_update(kernel_module(), p, g, m, v, lr, self.beta1, self.beta2,
+                                    self.eps, decay, self.t)
+                continue
             scratch = self._scratch[:p.size].reshape(p.shape)   # reused: no 67 MB temporaries
             if self.weight_decay > 0.0 and is_decayed(name, p.shape):
                 p *= 1.0 - lr * self.weight_decay         # p = p - lr * wd * p
@@ -1005,10 +1524,10 @@ def clip_grad_norm(grads, max_norm):
     >>> [round(float(x), 4) for x in to_numpy(g["a"])], round(float(g["b"][0]), 4)
     ([0.6, 0.0], 0.8)
     """
-    sum_of_squares = 0.0
+    sum_of_squares = 0.0   # an xp scalar: on a GPU it stays there until the one float() below
     for g in grads.values():
-        sum_of_squares += float(xp.sum(g * g, dtype=xp.float64))
-    norm = math.sqrt(sum_of_squares)
+        sum_of_squares = sum_of_squares + xp.sum(g * g, dtype=xp.float64)
+    norm = math.sqrt(float(sum_of_squares))
     if max_norm is not None and max_norm > 0.0 and math.isfinite(norm) and norm > max_norm:
         scale = float(max_norm) / (norm + 1e-6)
         for g in grads.values():

@@ -12,8 +12,9 @@
 // and includes no headers (NVRTC has none): -infinity is spelled __int_as_float(0xff800000),
 // not INFINITY.
 //
-// Loading and launching from Python (CuPy; tests/kernel_emu.py offers the same call on a CPU,
-// tests/kernel_ops.py holds these launches as functions). Scalars MUST be np.int32 / np.float32:
+// Loading and launching from Python (CuPy; tests/kernel_emu.py offers the same call on a CPU;
+// albor.py's "GPU kernels" section holds these launches as launch_* functions and uses them on
+// the GPU). Scalars MUST be np.int32 / np.float32:
 // CuPy passes a Python int as a 64-bit integer and a Python float as a double, and a kernel
 // that takes `int`/`float` would read garbage.
 //
@@ -37,13 +38,14 @@
 // swiglu_backward (dout, gate, up, dgate, dup, n)       (ceil(n/256),)          (256,)
 // cross_entropy_forward_backward (logits, targets,      (N,)                    (256,)
 //                                 losses, V, grad_scale)
+// embedding_backward (sorted_keys, dout, dwte, N, C)    (V,)                    (128,)
 // adamw_update (param, grad, m, v, n, lr, beta1, beta2, (ceil(n/256),)          (256,)
 //               eps, weight_decay, bias_correction1,
 //               bias_correction2)
 //
 // Shapes: q, out, dout, dq (B, H, T, D); k, v, dk, dv (B, KVH, T, D); lse, delta (B, H, T);
 // H % KVH == 0; D a multiple of 4 and at most 128 (16, 32, 64, 128 all work); any T >= 1.
-// Pointer arguments are float* except `targets` (int*). The grid-stride kernels (swiglu_*,
+// Pointer arguments are float* except `targets` (int*) and `sorted_keys` (long long*). The grid-stride kernels (swiglu_*,
 // adamw_update) also accept any smaller grid.
 // Backward order: attention_backward_preprocess first (delta), then _dkdv and _dq (either order).
 
@@ -581,6 +583,46 @@ cross_entropy_forward_backward(float* __restrict__ logits, const int* __restrict
     for (int c = threadIdx.x; c < V; c += blockDim.x) {
         const float p = __expf(row[c] - lse);  // softmax probability
         row[c] = ignored ? 0.0f : (p - (c == target ? 1.0f : 0.0f)) * grad_scale;
+    }
+}
+
+// =============================================================================================
+// embedding_backward: grid (V,), block 128 (any block size: threads stride over the channels).
+// albor.embedding_backward without atomics: ADD into dwte (V, C) the dout (N, C) rows of the
+// positions holding each token,
+//     dwte[v, c] += sum of dout[p, c] over the positions p with idx[p] == v, in increasing p.
+// One thread per position adding into its token's row would need atomics for repeated tokens,
+// and their order (so the float rounding) changes from run to run. Instead the launch first
+// sorts keys[p] = idx[p] * N + p (int64): a key holds the token (key / N) and the position
+// (key % N), all keys differ, so every sort gives the same order. Block v finds its tokens' run
+// [first, last) of the sorted keys by binary search, and each thread adds the run's rows for
+// its channels in position order: the additions NumPy's add.at does, in its order, so the same
+// bits. A token that does not occur costs one binary search. No shared memory, no barrier:
+// every thread of a block does the same (cheap) search itself.
+// =============================================================================================
+
+// The first index r in [0, n) with keys[r] >= value (n if none); keys sorted ascending.
+__device__ __forceinline__ int lower_bound(const long long* keys, int n, long long value) {
+    int lo = 0, hi = n;
+    while (lo < hi) {
+        const int mid = lo + (hi - lo) / 2;
+        if (keys[mid] < value) lo = mid + 1;
+        else hi = mid;
+    }
+    return lo;
+}
+
+extern "C" __global__ void __launch_bounds__(1024)
+embedding_backward(const long long* __restrict__ sorted_keys, const float* __restrict__ dout,
+                   float* __restrict__ dwte, int N, int C) {
+    const long long first_key = (long long)blockIdx.x * N;  // token v = blockIdx.x at position 0
+    const int first = lower_bound(sorted_keys, N, first_key);
+    const int last = lower_bound(sorted_keys, N, first_key + N);
+    float* row = dwte + (size_t)blockIdx.x * C;
+    for (int c = threadIdx.x; c < C; c += blockDim.x) {
+        float acc = row[c];
+        for (int r = first; r < last; r++) acc += dout[(size_t)(sorted_keys[r] - first_key) * C + c];
+        row[c] = acc;
     }
 }
 

@@ -25,7 +25,6 @@ import numpy as np
 import pytest
 
 import albor
-from tests import kernel_ops as ops
 from tests.kernel_emu import KERNELS_CU, TESTS, EmuError, EmuModule, parse_kernels, strip_comments
 
 SOURCE = KERNELS_CU.read_text()
@@ -151,11 +150,11 @@ def test_no_atomics():
 
 def test_launch_constants_match_kernels_cu():
     defines = dict(re.findall(r"#define (\w+) \(?(-?\d+)\)?", SOURCE))
-    assert int(defines["ATTN_ROWS"]) == ops.ATTN_ROWS
-    assert int(defines["ATTN_THREADS"]) == ops.ATTN_THREADS
-    assert int(defines["ATTN_THREADS_PER_ROW"]) * ops.ATTN_ROWS == ops.ATTN_THREADS
-    assert int(defines["ATTN_MAX_HEAD_DIM"]) == ops.ATTN_MAX_HEAD_DIM
-    assert int(defines["IGNORE_INDEX"]) == ops.IGNORE_INDEX == albor.IGNORE_INDEX
+    assert int(defines["ATTN_ROWS"]) == albor.ATTN_ROWS
+    assert int(defines["ATTN_THREADS"]) == albor.ATTN_THREADS
+    assert int(defines["ATTN_THREADS_PER_ROW"]) * albor.ATTN_ROWS == albor.ATTN_THREADS
+    assert int(defines["ATTN_MAX_HEAD_DIM"]) == albor.ATTN_MAX_HEAD_DIM
+    assert int(defines["IGNORE_INDEX"]) == albor.IGNORE_INDEX
 
 
 # ============================================================================================
@@ -321,11 +320,11 @@ def attention_inputs(B, H, KVH, T, D, seed=0, scale=1.0):
 
 def check_attention(module, B, H, KVH, T, D, tol=TOL, seed=0, scale=1.0):
     q, k, v, dout = attention_inputs(B, H, KVH, T, D, seed, scale)
-    out, lse = ops.attention_forward(module, np, q, k, v)
+    out, lse = albor.launch_attention_forward(module, np, q, k, v)
     want_out, want_lse = on_albor(albor.attention_forward, q, k, v)
     assert_close(out, want_out, tol, "out")
     assert_close(lse, want_lse, tol, "lse")
-    dq, dk, dv = ops.attention_backward(module, np, dout, q, k, v, out, lse)
+    dq, dk, dv = albor.launch_attention_backward(module, np, dout, q, k, v, out, lse)
     want = on_albor(albor.attention_backward, dout, q, k, v, want_out, want_lse)
     for name, got, ref in zip(("dq", "dk", "dv"), (dq, dk, dv), want):
         assert_close(got, ref, tol, name)
@@ -363,7 +362,7 @@ def test_attention_large_logits(module):
 def test_attention_long_sequence_forward(module):
     """T = 2048 (the longest context): 32 query blocks, 64 key tiles."""
     q, k, v, _ = attention_inputs(1, 1, 1, 2048, 16, seed=4)
-    out, lse = ops.attention_forward(module, np, q, k, v)
+    out, lse = albor.launch_attention_forward(module, np, q, k, v)
     want_out, want_lse = on_albor(albor.attention_forward, q, k, v)
     assert_close(out, want_out, TOL, "out")
     assert_close(lse, want_lse, TOL, "lse")
@@ -375,7 +374,7 @@ def test_attention_first_query_attends_only_to_itself(module):
     q, k, v, _ = attention_inputs(1, 2, 1, 40, 16, seed=5)
     k[:, :, 1:] *= 1e3
     v[:, :, 1:] = 1e6
-    out, lse = ops.attention_forward(module, np, q, k, v)
+    out, lse = albor.launch_attention_forward(module, np, q, k, v)
     np.testing.assert_allclose(out[0, :, 0], np.broadcast_to(v[0, 0, 0], (2, 16)), rtol=1e-6)
     np.testing.assert_allclose(lse[0, :, 0], (q[0, :, 0] @ k[0, 0, 0]) / 4.0, rtol=1e-5)
 
@@ -383,10 +382,10 @@ def test_attention_first_query_attends_only_to_itself(module):
 def test_attention_rejects_bad_shapes(module):
     q, k, v, _ = attention_inputs(1, 3, 2, 8, 16)
     with pytest.raises(ValueError, match="H divisible by KVH"):
-        ops.attention_forward(module, np, q, k, v)
+        albor.launch_attention_forward(module, np, q, k, v)
     q, k, v, _ = attention_inputs(1, 2, 1, 8, 18)
     with pytest.raises(ValueError, match="multiple of 4"):
-        ops.attention_forward(module, np, q, k, v)
+        albor.launch_attention_forward(module, np, q, k, v)
 
 
 @pytest.mark.parametrize("rows, C, scale", [(1, 16, 1.0), (37, 64, 1.0), (300, 512, 1.0),
@@ -399,11 +398,11 @@ def test_rmsnorm_matches_albor(module, rows, C, scale):
     weight = (1.0 + 0.1 * rng.standard_normal(C)).astype(np.float32)
     dout = rng.standard_normal((rows, C)).astype(np.float32)
     eps = 1e-5
-    out, rstd = ops.rmsnorm_forward(module, np, x, weight, eps)
+    out, rstd = albor.launch_rmsnorm_forward(module, np, x, weight, eps)
     want_out, want_rstd = on_albor(albor.rmsnorm_forward, x, weight, eps)
     assert_close(out, want_out, TOL, "out")
     np.testing.assert_allclose(rstd, want_rstd, rtol=1e-5)  # relative: rstd spans 1e-15..1e20
-    dx, dweight = ops.rmsnorm_backward(module, np, dout, x, weight, rstd)
+    dx, dweight = albor.launch_rmsnorm_backward(module, np, dout, x, weight, rstd)
     want_dx, want_dweight = on_albor(albor.rmsnorm_backward, dout, x, weight, want_rstd)
     assert_close(dx, want_dx, TOL, "dx")
     assert_close(dweight, want_dweight, TOL, "dweight")
@@ -420,8 +419,8 @@ def test_swiglu_matches_albor(module, shape, scale):
     with np.errstate(over="ignore"):
         want_h = on_albor(albor.swiglu_forward, gate, up)
         want_dgate, want_dup = on_albor(albor.swiglu_backward, dh, gate, up)
-    assert_close(ops.swiglu_forward(module, np, gate, up), want_h, TOL, "h")
-    dgate, dup = ops.swiglu_backward(module, np, dh, gate, up)
+    assert_close(albor.launch_swiglu_forward(module, np, gate, up), want_h, TOL, "h")
+    dgate, dup = albor.launch_swiglu_backward(module, np, dh, gate, up)
     assert_close(dgate, want_dgate, TOL, "dgate")
     assert_close(dup, want_dup, TOL, "dup")
 
@@ -446,8 +445,10 @@ def test_cross_entropy_matches_albor(module, N, V, scale):
     loss_scale = 0.5
     want_loss, want_dlogits = albor_cross_entropy(logits, targets, loss_scale)
     dlogits = logits.copy()
-    loss, returned = ops.cross_entropy_forward_backward(module, np, dlogits, targets, loss_scale)
+    loss, returned, n_valid = albor.launch_cross_entropy_forward_backward(module, np, dlogits,
+                                                                          targets, loss_scale)
     assert returned is dlogits  # in place
+    assert n_valid == int((targets != albor.IGNORE_INDEX).sum())
     tol = 1e-3 if scale > 100 else TOL
     assert abs(loss - want_loss) <= tol * max(1.0, abs(want_loss))
     assert_close(dlogits, want_dlogits, tol, "dlogits")
@@ -466,8 +467,8 @@ def test_cross_entropy_equal_logits_and_bad_targets(module):
     assert abs(losses[0] - math.log(V)) < 1e-5
     assert np.isnan(losses[1:]).all()
     with pytest.raises(ValueError, match="every target is IGNORE_INDEX"):
-        ops.cross_entropy_forward_backward(module, np, np.zeros((2, V), np.float32),
-                                           np.full(2, -100, np.int32))
+        albor.launch_cross_entropy_forward_backward(module, np, np.zeros((2, V), np.float32),
+                                                    np.full(2, -100, np.int32))
 
 
 def test_adamw_matches_albor(module):
@@ -485,8 +486,8 @@ def test_adamw_matches_albor(module):
         opt.step(params, {name: albor.xp.asarray(g) for name, g in grads.items()}, lr)
         for name in params:
             wd = opt.weight_decay if albor.is_decayed(name, params[name].shape) else 0.0
-            ops.adamw_update(module, kernel_params[name], grads[name], m[name], v[name], lr,
-                             opt.beta1, opt.beta2, opt.eps, wd, t)
+            albor.launch_adamw_update(module, kernel_params[name], grads[name], m[name],
+                                      v[name], lr, opt.beta1, opt.beta2, opt.eps, wd, t)
         # float32 both sides, but the kernel forms 1 - beta1 from float32 beta1 (0.100000024)
         # where NumPy rounds the double 1 - 0.9 (0.1): relative differences of a few 1e-7,
         # more where m's two terms nearly cancel
@@ -498,6 +499,31 @@ def test_adamw_matches_albor(module):
     assert not np.allclose(kernel_params["model.norm.weight"], 1.0)  # it did move
 
 
+@pytest.mark.parametrize("B, T, V, C, tokens", [(1, 1, 5, 16, 5), (2, 45, 50, 40, 12),
+                                                 (3, 70, 300, 300, 300)])
+def test_embedding_backward_matches_albor(module, B, T, V, C, tokens):
+    """Tokens drawn from the first `tokens` ids: many repeats (12 ids over 90 positions), ids
+    that never occur (their rows must stay as they were), C below, above and not a multiple of
+    the 128 threads. The kernel adds each token's rows in position order, as NumPy's add.at
+    (albor's reference line) does: the same bits, not only close."""
+    rng = np.random.default_rng(V + C)
+    dwte = rng.standard_normal((V, C)).astype(np.float32)  # it ADDS into what is there
+    dout = rng.standard_normal((B, T, C)).astype(np.float32)
+    idx = rng.integers(0, tokens, (B, T))
+    want = dwte.copy()
+    np.add.at(want, idx.reshape(-1), dout.reshape(-1, C))  # albor.embedding_backward's NumPy line
+    got = dwte.copy()
+    albor.launch_embedding_backward(module, np, got, dout, idx)
+    np.testing.assert_array_equal(got, want)
+
+    def albor_embedding_backward(dwte, dout, idx):
+        albor.embedding_backward(dwte, dout, idx)  # in place
+        return dwte
+    assert_close(got, on_albor(albor_embedding_backward, dwte, dout, idx), TOL, "dwte")
+    unused = np.setdiff1d(np.arange(V), idx)
+    np.testing.assert_array_equal(got[unused], dwte[unused])
+
+
 def to_host(a):
     return a.get() if hasattr(a, "get") else a  # cupy -> numpy
 
@@ -507,22 +533,29 @@ def run_all_kernels(module, xp=np):
     returns {name: NumPy output arrays} and checks nothing. xp = numpy (emulator) or cupy."""
     q, k, v, dout = (xp.asarray(a) for a in attention_inputs(1, 4, 2, 80, 16, seed=11))
     results = {}
-    out, lse = ops.attention_forward(module, xp, q, k, v)
+    out, lse = albor.launch_attention_forward(module, xp, q, k, v)
     results["attention_forward"] = (out, lse)
-    results["attention_backward"] = ops.attention_backward(module, xp, dout, q, k, v, out, lse)
+    results["attention_backward"] = albor.launch_attention_backward(module, xp, dout, q, k, v,
+                                                                    out, lse)
     rng = np.random.default_rng(12)
     x = xp.asarray(rng.standard_normal((20, 40)).astype(np.float32))
     w = xp.asarray(rng.standard_normal(40).astype(np.float32))
-    y, rstd = ops.rmsnorm_forward(module, xp, x, w, 1e-5)
-    results["rmsnorm"] = (y, rstd) + ops.rmsnorm_backward(module, xp, x * 0.5, x, w, rstd)
-    results["swiglu"] = (ops.swiglu_forward(module, xp, x, y),) + ops.swiglu_backward(
-        module, xp, rstd * x, x, y)
+    y, rstd = albor.launch_rmsnorm_forward(module, xp, x, w, 1e-5)
+    results["rmsnorm"] = (y, rstd) + albor.launch_rmsnorm_backward(module, xp, x * 0.5, x, w,
+                                                                   rstd)
+    results["swiglu"] = ((albor.launch_swiglu_forward(module, xp, x, y),)
+                         + albor.launch_swiglu_backward(module, xp, rstd * x, x, y))
     logits = xp.asarray(rng.standard_normal((3, 300)).astype(np.float32))
     targets = xp.asarray(np.array([4, -100, 299], np.int32))
-    results["cross_entropy"] = ops.cross_entropy_forward_backward(module, xp, logits, targets)[1:]
+    results["cross_entropy"] = albor.launch_cross_entropy_forward_backward(
+        module, xp, logits, targets)[1:2]
     p, m, vv = x.copy(), xp.zeros_like(x), xp.zeros_like(x)
-    ops.adamw_update(module, p, y, m, vv, 1e-2, 0.9, 0.95, 1e-8, 0.1, 1)
+    albor.launch_adamw_update(module, p, y, m, vv, 1e-2, 0.9, 0.95, 1e-8, 0.1, 1)
     results["adamw"] = (p, m, vv)
+    dwte = xp.asarray(rng.standard_normal((70, 40)).astype(np.float32))  # 70 tokens, C = 40
+    idx = xp.asarray(rng.integers(0, 30, (4, 5)))  # 20 positions: repeats, and absent tokens
+    albor.launch_embedding_backward(module, xp, dwte, x, idx)
+    results["embedding_backward"] = (dwte,)
     return {name: tuple(to_host(a) for a in arrays) for name, arrays in results.items()}
 
 
@@ -622,9 +655,9 @@ def test_gpu_kernels_match_emulator_and_albor(module):
             assert_close(a, c, 1e-4, name)
     for B, H, KVH, T, D in ATTENTION_SHAPES + [(4, 8, 2, 2048, 64)]:
         q, k, v, dout = attention_inputs(B, H, KVH, T, D)
-        out, lse = ops.attention_forward(gpu, cupy, cupy.asarray(q), cupy.asarray(k),
+        out, lse = albor.launch_attention_forward(gpu, cupy, cupy.asarray(q), cupy.asarray(k),
                                          cupy.asarray(v))
-        grads = ops.attention_backward(gpu, cupy, cupy.asarray(dout), cupy.asarray(q),
+        grads = albor.launch_attention_backward(gpu, cupy, cupy.asarray(dout), cupy.asarray(q),
                                        cupy.asarray(k), cupy.asarray(v), out, lse)
         want_out, want_lse = on_albor(albor.attention_forward, q, k, v)
         want = on_albor(albor.attention_backward, dout, q, k, v, want_out, want_lse)
