@@ -168,7 +168,9 @@ def init_params(config, seed=0):
 # -----------------------------------------------------------------------------
 # Layers. Shapes: B batch, T time, C hidden, H query heads, KVH key/value heads, D head dim,
 # F MLP width, V vocabulary, N = B*T rows. Linear layers are written inline as `x @ w.T`
-# (w.T is a strided view: BLAS reads it transposed, nothing is copied).
+# (w.T is a strided view: BLAS reads it transposed, nothing is copied), spelled
+# `matmul(x, w.T)` in the blocks and the LM head: that is `x @ w.T` on the CPU and by default,
+# and in --dtype tf32/bf16/fp16 precision on a GPU (see the GPU kernels section).
 
 # --- embedding ---------------------------------------------------------------
 
@@ -456,21 +458,21 @@ def block_forward(params, config, layer, x, B, T, cos, sin):
     eps = config.rms_norm_eps
     # attention half: x_mid = x + o_proj(attention(rope(q), rope(k), v)) of rmsnorm(x)
     a, rstd_attn = rmsnorm_forward(x, params[p + "input_layernorm.weight"], eps)  # (N, C)
-    q = a @ params[p + "self_attn.q_proj.weight"].T  # (N, H*D)
-    k = a @ params[p + "self_attn.k_proj.weight"].T  # (N, KVH*D)
-    v = a @ params[p + "self_attn.v_proj.weight"].T  # (N, KVH*D)
+    q = matmul(a, params[p + "self_attn.q_proj.weight"].T)  # (N, H*D)
+    k = matmul(a, params[p + "self_attn.k_proj.weight"].T)  # (N, KVH*D)
+    v = matmul(a, params[p + "self_attn.v_proj.weight"].T)  # (N, KVH*D)
     q = rope_forward(q.reshape(B, T, H, D).transpose(0, 2, 1, 3), cos, sin)  # (B, H, T, D)
     k = rope_forward(k.reshape(B, T, KVH, D).transpose(0, 2, 1, 3), cos, sin)  # (B, KVH, T, D)
     v = xp.ascontiguousarray(v.reshape(B, T, KVH, D).transpose(0, 2, 1, 3))  # (B, KVH, T, D)
     att, lse = attention_forward(q, k, v)  # (B, H, T, D), (B, H, T)
     att = att.transpose(0, 2, 1, 3).reshape(N, C)  # heads side by side again (a copy)
-    x_mid = x + att @ params[p + "self_attn.o_proj.weight"].T  # (N, C)
+    x_mid = x + matmul(att, params[p + "self_attn.o_proj.weight"].T)  # (N, C)
     # MLP half: x_out = x_mid + down_proj(silu(gate_proj(m)) * up_proj(m)), m = rmsnorm(x_mid)
     m, rstd_mlp = rmsnorm_forward(x_mid, params[p + "post_attention_layernorm.weight"], eps)
-    gate = m @ params[p + "mlp.gate_proj.weight"].T  # (N, F)
-    up = m @ params[p + "mlp.up_proj.weight"].T  # (N, F)
+    gate = matmul(m, params[p + "mlp.gate_proj.weight"].T)  # (N, F)
+    up = matmul(m, params[p + "mlp.up_proj.weight"].T)  # (N, F)
     h = swiglu_forward(gate, up)  # (N, F)
-    x_out = x_mid + h @ params[p + "mlp.down_proj.weight"].T  # (N, C)
+    x_out = x_mid + matmul(h, params[p + "mlp.down_proj.weight"].T)  # (N, C)
     cache = dict(x=x, rstd_attn=rstd_attn, a=a, q=q, k=k, v=v, att=att, lse=lse,
                  x_mid=x_mid, rstd_mlp=rstd_mlp, m=m, gate=gate, up=up, h=h)
     return x_out, cache
@@ -493,23 +495,23 @@ def block_backward(params, config, layer, dx_out, cache, cos, sin, grads):
     N, C = dx_out.shape
     KVH = config.num_key_value_heads
     # x_out = x_mid + h @ down_proj.T
-    _add_grad(grads, p + "mlp.down_proj.weight", dx_out.T @ c["h"])  # (C, F)
-    dh = dx_out @ params[p + "mlp.down_proj.weight"]  # (N, F)
+    _add_grad(grads, p + "mlp.down_proj.weight", matmul(dx_out.T, c["h"]))  # (C, F)
+    dh = matmul(dx_out, params[p + "mlp.down_proj.weight"])  # (N, F)
     # h = swiglu(gate, up)
     dgate, dup = swiglu_backward(dh, c["gate"], c["up"])
     # gate = m @ gate_proj.T ; up = m @ up_proj.T
-    _add_grad(grads, p + "mlp.gate_proj.weight", dgate.T @ c["m"])  # (F, C)
-    _add_grad(grads, p + "mlp.up_proj.weight", dup.T @ c["m"])  # (F, C)
-    dm = dgate @ params[p + "mlp.gate_proj.weight"]  # (N, C)
-    dm += dup @ params[p + "mlp.up_proj.weight"]
+    _add_grad(grads, p + "mlp.gate_proj.weight", matmul(dgate.T, c["m"]))  # (F, C)
+    _add_grad(grads, p + "mlp.up_proj.weight", matmul(dup.T, c["m"]))  # (F, C)
+    dm = matmul(dgate, params[p + "mlp.gate_proj.weight"])  # (N, C)
+    dm += matmul(dup, params[p + "mlp.up_proj.weight"])
     # m = rmsnorm(x_mid), and x_mid also flows straight into x_out (the residual)
     dx_mid, dweight = rmsnorm_backward(dm, c["x_mid"], params[p + "post_attention_layernorm.weight"],
                                        c["rstd_mlp"])
     _add_grad(grads, p + "post_attention_layernorm.weight", dweight)
     dx_mid += dx_out
     # x_mid = x + att @ o_proj.T
-    _add_grad(grads, p + "self_attn.o_proj.weight", dx_mid.T @ c["att"])  # (C, C)
-    datt = dx_mid @ params[p + "self_attn.o_proj.weight"]  # (N, C)
+    _add_grad(grads, p + "self_attn.o_proj.weight", matmul(dx_mid.T, c["att"]))  # (C, C)
+    datt = matmul(dx_mid, params[p + "self_attn.o_proj.weight"])  # (N, C)
     # att = attention(q, k, v), merged from (B, H, T, D)
     datt = datt.reshape(B, T, H, D).transpose(0, 2, 1, 3)  # (B, H, T, D) view
     att = c["att"].reshape(B, T, H, D).transpose(0, 2, 1, 3)
@@ -518,12 +520,12 @@ def block_backward(params, config, layer, dx_out, cache, cos, sin, grads):
     dq = rope_backward(dq, cos, sin).transpose(0, 2, 1, 3).reshape(N, H * D)  # (N, C)
     dk = rope_backward(dk, cos, sin).transpose(0, 2, 1, 3).reshape(N, KVH * D)  # (N, KVH*D)
     dv = dv.transpose(0, 2, 1, 3).reshape(N, KVH * D)  # (N, KVH*D)
-    _add_grad(grads, p + "self_attn.q_proj.weight", dq.T @ c["a"])
-    _add_grad(grads, p + "self_attn.k_proj.weight", dk.T @ c["a"])
-    _add_grad(grads, p + "self_attn.v_proj.weight", dv.T @ c["a"])
-    da = dq @ params[p + "self_attn.q_proj.weight"]  # (N, C)
-    da += dk @ params[p + "self_attn.k_proj.weight"]
-    da += dv @ params[p + "self_attn.v_proj.weight"]
+    _add_grad(grads, p + "self_attn.q_proj.weight", matmul(dq.T, c["a"]))
+    _add_grad(grads, p + "self_attn.k_proj.weight", matmul(dk.T, c["a"]))
+    _add_grad(grads, p + "self_attn.v_proj.weight", matmul(dv.T, c["a"]))
+    da = matmul(dq, params[p + "self_attn.q_proj.weight"])  # (N, C)
+    da += matmul(dk, params[p + "self_attn.k_proj.weight"])
+    da += matmul(dv, params[p + "self_attn.v_proj.weight"])
     # a = rmsnorm(x), and x also flows straight into x_mid (the residual)
     dx, dweight = rmsnorm_backward(da, c["x"], params[p + "input_layernorm.weight"], c["rstd_attn"])
     _add_grad(grads, p + "input_layernorm.weight", dweight)
@@ -574,7 +576,7 @@ def forward(params, config, idx, targets=None):
         if targets is not None:
             layer_caches.append(layer_cache)
     xf, rstd_final = rmsnorm_forward(x, params["model.norm.weight"], config.rms_norm_eps)  # (N, C)
-    logits = xf @ wte.T  # (N, V) the tied LM head
+    logits = matmul(xf, wte.T)  # (N, V) the tied LM head
     if targets is None:
         return logits.reshape(B, T, V), None
 
@@ -610,8 +612,8 @@ def backward(params, config, cache, loss_scale=1.0, grads=None):
     # loss = cross_entropy(logits, targets)
     dlogits = cross_entropy_backward(cache.pop("probs"), cache["targets"], loss_scale)  # (N, V)
     # logits = xf @ wte.T (the tied LM head: wte's first gradient)
-    _add_grad(grads, "model.embed_tokens.weight", dlogits.T @ cache["xf"])  # (V, C)
-    dxf = dlogits @ wte  # (N, C)
+    _add_grad(grads, "model.embed_tokens.weight", matmul(dlogits.T, cache["xf"]))  # (V, C)
+    dxf = matmul(dlogits, wte)  # (N, C)
     del dlogits
     # xf = rmsnorm(x_final)
     dx, dweight = rmsnorm_backward(dxf, cache["x_final"], params["model.norm.weight"],
