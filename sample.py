@@ -146,6 +146,14 @@ def parse_rate(params, config, tok, prompts, n_samples, max_new_tokens=128, temp
             "top_k": top_k, "top_p": top_p, "seed": seed}
 
 
+def describe_parse_rate(result):
+    """parse_rate's result as one line: "parse rate 25%: 2 of 8 sampled completions are valid Python"."""
+    if not result["samples"]:
+        return "parse rate: not measured (0 samples)"
+    return (f"parse rate {result['parse_rate']:.0%}: {result['parsed']} of {result['samples']} sampled "
+            f"completions are valid Python (ast.parse)")
+
+
 # -----------------------------------------------------------------------------
 # The command line
 

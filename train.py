@@ -21,13 +21,15 @@ What a run does, in the order of the functions below:
    --batch-size rows, adds up their gradients (each weighted by its share of
    the step's non-pad tokens, so the step's loss is the mean over all of them),
    clips the global norm, takes an AdamW step and logs a line to metrics.jsonl.
-6. At the end: validation loss, a summary, and the checkpoint.
+6. At the end: validation loss, the parse rate (the share of --eval-samples
+   sampled completions that ast.parse accepts, see sample.py), a summary, and
+   the checkpoint. `--eval-only --resume DIR` computes just these for DIR.
 
 The run folder (--out, default checkpoints/<config>):
     model.safetensors, config.json, tokenizer.json   a Hugging Face LlamaForCausalLM folder
     optimizer.safetensors, trainer_state.json        what --resume needs
     metrics.jsonl                                    one JSON line per optimizer step
-    final_model.json                                 losses, timing and provenance of the run
+    final_model.json                                 losses, parse rate, timing and provenance of the run
 
 Ctrl-C stops after the current step and saves a checkpoint that --resume
 continues exactly (same final weights, byte for byte, as a run never stopped).
@@ -47,6 +49,7 @@ import numpy as np
 from tqdm import tqdm
 
 import albor
+import sample
 from tokenizer import EOT_ID, PAD_ID, Tokenizer, stdlib_python_files
 
 TOKENIZER_LINES = 100_000     # a tokenizer trained here sees the corpus's first 100K lines
@@ -70,7 +73,7 @@ DEFAULTS = {   # the model card's run
     "batch_size": 4, "grad_accum": 4, "max_steps": None, "lr": 6e-4, "min_lr": None,
     "warmup": None, "beta1": 0.9, "beta2": 0.95, "eps": 1e-8, "weight_decay": 0.1,
     "grad_clip": 1.0, "seed": 0, "out": None, "resume": None, "init": None, "tokenizer": None,
-    "save_every": 0,
+    "save_every": 0, "eval_samples": 8, "eval_only": False,
 }
 # With --resume these define the rows a step reads; changing them would not continue the run.
 DATA_SETTINGS = ("data", "rows", "val_rows", "seq_len", "seed")
@@ -88,6 +91,7 @@ def build_parser():
                "  python train.py --rows 500                         the model card's run\n"
                "  python train.py --config tiny --rows 200 --out runs/tiny\n"
                "  python train.py --resume checkpoints/albor-base-50m --max-steps 100\n"
+               "  python train.py --eval-only --resume checkpoints/albor-base-50m\n"
                "  python train.py --init checkpoints/albor-base-50m --data my_code/ --out runs/ft",
         formatter_class=argparse.RawDescriptionHelpFormatter)
 
@@ -135,6 +139,12 @@ def build_parser():
                         "else one trained on the corpus (cached)", metavar="FILE")
     flag("--save-every", "also save a checkpoint every N steps (0: only at the end and on Ctrl-C)",
          type=int, metavar="N")
+    flag("--eval-samples", "at the end, sample N completions of the held-out documents' first lines "
+                           "and report the share that ast.parse accepts (the parse rate; 0: skip)",
+         type=int, metavar="N")
+    flag("--eval-only", "evaluate the --resume checkpoint instead of training: validation loss, "
+                        "perplexity and parse rate, printed and written to its final_model.json",
+         action="store_true")
     return parser
 
 
@@ -159,6 +169,8 @@ def parse_settings(argv):
         (args["weight_decay"] >= 0, "--weight-decay must be 0 or more"),
         (args["grad_clip"] >= 0, "--grad-clip must be 0 or more"),
         (args["save_every"] >= 0, "--save-every must be 0 or more"),
+        (args["eval_samples"] >= 0, "--eval-samples must be 0 or more"),
+        (not args["eval_only"] or args["resume"], "--eval-only needs --resume DIR (the checkpoint to evaluate)"),
         (args["config"] in albor.PRESETS, f"--config {args['config']!r} is not a preset; "
                                           f"choose from {', '.join(albor.PRESETS)}"),
         (not (args["resume"] and args["init"]), "--resume and --init exclude each other"),
@@ -200,7 +212,7 @@ def merge_resumed_settings(args, given):
     merged = {**DEFAULTS, **saved}
     for name in given:
         if name not in DATA_SETTINGS and merged.get(name) != args[name]:
-            if name not in ("resume", "out", "config", "tokenizer") and name in saved:
+            if name not in ("resume", "out", "config", "tokenizer", "eval_only") and name in saved:
                 print(f"note: --{name.replace('_', '-')} {args[name]} (the saved run had {saved[name]})")
             merged[name] = args[name]
     merged["resume"] = args["resume"]
@@ -545,6 +557,37 @@ def perplexity(loss):
     return math.exp(min(loss, 700.0)) if loss is not None else None
 
 
+def parse_eval(params, config, tok, val_texts, args):
+    """The parse rate (sample.parse_rate): the share of --eval-samples completions of the held-out
+    documents' first lines that ast.parse accepts, up to 128 new tokens each (fewer if the
+    context is short), seeded with --seed."""
+    max_new_tokens = min(128, config.max_position_embeddings // 2)
+    return sample.parse_rate(params, config, tok, sample.eval_prompts(val_texts), args["eval_samples"],
+                             max_new_tokens=max_new_tokens, seed=args["seed"])
+
+
+def evaluate_only(params, config, tok, val_inputs, val_targets, val_texts, args):
+    """--eval-only: validation loss, perplexity and parse rate of the --resume checkpoint, printed
+    and written into final_model.json (in --out, by default the checkpoint's folder)."""
+    start = time.perf_counter()
+    val_loss = evaluate(params, config, val_inputs, val_targets, args["batch_size"])
+    parse = parse_eval(params, config, tok, val_texts, args)
+    source = os.path.join(args["resume"], FINAL_MODEL)
+    final_model = read_json(source, "the run's summary") if os.path.exists(source) else {}
+    final_model.update(val_loss=val_loss, val_perplexity=perplexity(val_loss),
+                       parse_rate=parse["parse_rate"], parse_eval=parse)
+    os.makedirs(args["out"], exist_ok=True)
+    albor.atomic_write_bytes(os.path.join(args["out"], FINAL_MODEL),
+                             (json.dumps(final_model, indent=1) + "\n").encode())
+    if val_loss is not None:
+        print(f"validation loss {val_loss:.4f} (perplexity {perplexity(val_loss):,.1f}) on {len(val_inputs)} rows")
+    else:
+        print("validation: none (--val-rows 0)")
+    print(sample.describe_parse_rate(parse))
+    print(f"evaluated in {time.perf_counter() - start:.1f} s; written to {os.path.join(args['out'], FINAL_MODEL)}")
+    return 0
+
+
 # -----------------------------------------------------------------------------
 # The run
 
@@ -642,6 +685,9 @@ def run(argv):
     print(f"albor {config_name}: {albor.param_count(config):,} parameters on {albor.BACKEND}; "
           f"data: {corpus.description}")
     print(f"tokenizer: {tok_origin}, {tok.vocab_size:,} tokens")
+    if args["eval_only"]:
+        print(f"evaluating {args['resume']} (step {start_step})")
+        return evaluate_only(params, config, tok, val_inputs, val_targets, val_texts, args)
     tokens_per_step = args["batch_size"] * args["grad_accum"] * args["seq_len"]
     print(f"{n_train} training rows, {len(val_inputs)} validation rows, {args['seq_len']} tokens each "
           f"({int((train_targets != albor.IGNORE_INDEX).sum()):,} non-pad training targets); "
@@ -667,7 +713,7 @@ def run(argv):
 
     last_saved = start_step if args["resume"] and os.path.abspath(out) == os.path.abspath(args["resume"]) else None
 
-    def save(step, val_loss=None, finished=False):
+    def save(step, val_loss=None, finished=False, parse=None):
         """Write the checkpoint (atomically) for the state after `step` optimizer steps."""
         nonlocal last_saved
         save_start = time.perf_counter()
@@ -679,6 +725,7 @@ def run(argv):
             "best_loss": min(loss_curve) if loss_curve else None,
             "perplexity": perplexity(loss_curve[-1]) if loss_curve else None,
             "val_loss": val_loss, "val_perplexity": perplexity(val_loss),
+            "parse_rate": parse["parse_rate"] if parse else None, "parse_eval": parse,
             "loss_curve": loss_curve, "tokens": step * tokens_per_step,
             "timing": timing, "provenance": provenance, "args": args,
         }
@@ -748,13 +795,14 @@ def run(argv):
     # --- the end: validation, checkpoint, summary --------------------------------------------
     eval_start = time.perf_counter()
     val_loss = evaluate(params, config, val_inputs, val_targets, args["batch_size"])
+    parse = parse_eval(params, config, tok, val_texts, args)
     timing["eval_seconds"] = timing.get("eval_seconds", 0.0) + time.perf_counter() - eval_start
     timing["wall_seconds"] = timing.get("wall_seconds", 0.0) + time.perf_counter() - wall_start
     train_seconds = timing["train_seconds"]
     timing["tokens_per_second"] = step * tokens_per_step / train_seconds if train_seconds else None
     split_time(timing)
-    save(step, val_loss=val_loss, finished=True)
-    print_summary(config_name, step, tokens_per_step, loss_curve, val_loss, len(val_inputs), timing, out)
+    save(step, val_loss=val_loss, finished=True, parse=parse)
+    print_summary(config_name, step, tokens_per_step, loss_curve, val_loss, len(val_inputs), timing, out, parse)
     return 0
 
 
@@ -768,7 +816,7 @@ def split_time(timing):
     return timing
 
 
-def print_summary(config_name, step, tokens_per_step, loss_curve, val_loss, val_rows, timing, out):
+def print_summary(config_name, step, tokens_per_step, loss_curve, val_loss, val_rows, timing, out, parse=None):
     train = timing["train_seconds"]
     tokens = step * tokens_per_step
     if loss_curve:
@@ -778,6 +826,8 @@ def print_summary(config_name, step, tokens_per_step, loss_curve, val_loss, val_
         print(f"validation loss {val_loss:.4f} (perplexity {perplexity(val_loss):,.1f}) on {val_rows} rows")
     else:
         print("validation: none (--val-rows 0)")
+    if parse is not None:
+        print(sample.describe_parse_rate(parse))
     if train:
         print(f"{config_name}: {step} steps, {tokens:,} tokens in {train:.1f} s of training: "
               f"{tokens / train:,.0f} tokens/s; wall time {timing['wall_seconds']:.1f} s")

@@ -496,3 +496,92 @@ def test_parse_rate_on_a_model(small_params, tok):
         text = prompts[i % 2] + tok.decode(ids)
         parsed += sample.is_valid_python(text if len(ids) < 12 else text[:text.rfind("\n") + 1])
     assert result == {"parse_rate": parsed / 5, "parsed": parsed, "samples": 5, **settings}
+
+
+# -----------------------------------------------------------------------------
+# Evaluation in train.py: the parse rate at the end of a run, and --eval-only
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("corpus")
+    files = [p for p in stdlib_python_files() if p.stat().st_size > 2000][:16]
+    for i, path in enumerate(files):
+        (folder / f"doc{i:02d}.py").write_text(path.read_text(encoding="utf-8", errors="replace")[:800],
+                                               encoding="utf-8")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def run_args(corpus, tok, tmp_path_factory):
+    tok_path = tmp_path_factory.mktemp("tok") / "tokenizer.json"
+    tok.save(tok_path)
+    return ["--config", "tiny", "--data", corpus, "--tokenizer", tok_path, "--rows", 8, "--val-rows", 3,
+            "--seq-len", 32, "--batch-size", 4, "--grad-accum", 1, "--max-steps", 2, "--lr", 3e-3]
+
+
+def train_main(argv, capsys):
+    import train
+    assert train.main([str(a) for a in argv]) == 0
+    return capsys.readouterr().out
+
+
+def read_final_model(folder):
+    import json
+    return json.loads((Path(folder) / "final_model.json").read_text())
+
+
+def expected_parse_eval(folder, n_samples):
+    """parse_rate recomputed from the saved checkpoint, the way train.py documents it."""
+    import train
+    import json
+    config, params, _ = albor.load_checkpoint(folder)
+    tok = Tokenizer.load(Path(folder) / "tokenizer.json")
+    args = json.loads((Path(folder) / "trainer_state.json").read_text())["args"]
+    val_texts, _ = train.take_documents(train.Corpus(args["data"]), args)
+    return sample.parse_rate(params, config, tok, sample.eval_prompts(val_texts), n_samples,
+                             max_new_tokens=min(128, config.max_position_embeddings // 2), seed=args["seed"])
+
+
+def test_a_run_ends_with_the_parse_rate(run_args, tmp_path, capsys):
+    out = train_main([*run_args, "--eval-samples", 3, "--out", tmp_path / "run"], capsys)
+    summary = read_final_model(tmp_path / "run")
+    assert summary["parse_eval"] == expected_parse_eval(tmp_path / "run", 3)
+    assert summary["parse_rate"] == summary["parse_eval"]["parse_rate"] == summary["parse_eval"]["parsed"] / 3
+    assert sample.describe_parse_rate(summary["parse_eval"]) in out
+    # --eval-samples 0 skips it
+    train_main([*run_args, "--eval-samples", 0, "--out", tmp_path / "none"], capsys)
+    assert read_final_model(tmp_path / "none")["parse_rate"] is None
+
+
+def test_eval_only_evaluates_a_checkpoint_without_training(run_args, tmp_path, capsys):
+    run = tmp_path / "run"
+    train_main([*run_args, "--eval-samples", 2, "--out", run], capsys)
+    before = {name: (run / name).read_bytes() for name in ("model.safetensors", "optimizer.safetensors",
+                                                           "trainer_state.json", "metrics.jsonl")}
+    trained = read_final_model(run)
+    out = train_main(["--eval-only", "--resume", run, "--eval-samples", 4], capsys)
+    summary = read_final_model(run)
+    assert summary["val_loss"] == pytest.approx(trained["val_loss"], rel=1e-6)
+    assert summary["val_perplexity"] == pytest.approx(math.exp(trained["val_loss"]), rel=1e-6)
+    assert summary["parse_eval"] == expected_parse_eval(run, 4) and summary["parse_eval"]["samples"] == 4
+    assert summary["loss_curve"] == trained["loss_curve"]  # the rest of the summary is kept
+    assert f"validation loss {trained['val_loss']:.4f}" in out and sample.describe_parse_rate(summary["parse_eval"]) in out
+    assert "note: --eval-only" not in out and "note: --eval-samples 4 (the saved run had 2)" in out
+    for name, data in before.items():
+        assert (run / name).read_bytes() == data, name  # no training, no new checkpoint
+    # --out: the summary goes there, the checkpoint's stays as it was
+    train_main(["--eval-only", "--resume", run, "--eval-samples", 1, "--out", tmp_path / "eval"], capsys)
+    assert read_final_model(tmp_path / "eval")["parse_eval"]["samples"] == 1
+    assert read_final_model(run)["parse_eval"]["samples"] == 4
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--eval-only"], "--eval-only needs --resume DIR"),
+    (["--eval-samples", "-1"], "--eval-samples must be 0 or more"),
+])
+def test_eval_flag_errors(argv, message, capsys):
+    import train
+    with pytest.raises(SystemExit) as e:
+        train.main(argv)
+    assert e.value.code == 2 and message in capsys.readouterr().err
