@@ -697,9 +697,9 @@ def block_step_forward(params, config, layer, x, B, T, kv_cache, cos, sin):
     start, stop = kv_cache["length"], kv_cache["length"] + T
     # attention half: x_mid = x + o_proj(attention(rope(q), rope(k), v)) of rmsnorm(x)
     a, _ = rmsnorm_forward(x, params[p + "input_layernorm.weight"], eps)  # (N, C)
-    q = a @ params[p + "self_attn.q_proj.weight"].T  # (N, H*D)
-    k = a @ params[p + "self_attn.k_proj.weight"].T  # (N, KVH*D)
-    v = a @ params[p + "self_attn.v_proj.weight"].T  # (N, KVH*D)
+    q = matmul(a, params[p + "self_attn.q_proj.weight"].T)  # (N, H*D)
+    k = matmul(a, params[p + "self_attn.k_proj.weight"].T)  # (N, KVH*D)
+    v = matmul(a, params[p + "self_attn.v_proj.weight"].T)  # (N, KVH*D)
     q = rope_forward(q.reshape(B, T, H, D).transpose(0, 2, 1, 3), cos, sin)  # (B, H, T, D)
     k = rope_forward(k.reshape(B, T, KVH, D).transpose(0, 2, 1, 3), cos, sin)  # (B, KVH, T, D)
     kv_cache["k"][layer][:, :, start:stop] = k
@@ -707,12 +707,12 @@ def block_step_forward(params, config, layer, x, B, T, kv_cache, cos, sin):
     att = attention_cached_forward(q, kv_cache["k"][layer][:, :, :stop],
                                    kv_cache["v"][layer][:, :, :stop])  # (B, H, T, D)
     att = att.transpose(0, 2, 1, 3).reshape(N, C)  # heads side by side again
-    x_mid = x + att @ params[p + "self_attn.o_proj.weight"].T  # (N, C)
+    x_mid = x + matmul(att, params[p + "self_attn.o_proj.weight"].T)  # (N, C)
     # MLP half: x_out = x_mid + down_proj(silu(gate_proj(m)) * up_proj(m)), m = rmsnorm(x_mid)
     m, _ = rmsnorm_forward(x_mid, params[p + "post_attention_layernorm.weight"], eps)
-    h = swiglu_forward(m @ params[p + "mlp.gate_proj.weight"].T,
-                       m @ params[p + "mlp.up_proj.weight"].T)  # (N, F)
-    return x_mid + h @ params[p + "mlp.down_proj.weight"].T  # (N, C)
+    h = swiglu_forward(matmul(m, params[p + "mlp.gate_proj.weight"].T),
+                       matmul(m, params[p + "mlp.up_proj.weight"].T))  # (N, F)
+    return x_mid + matmul(h, params[p + "mlp.down_proj.weight"].T)  # (N, C)
 
 
 def forward_step(params, config, idx_new, kv_cache):
@@ -741,7 +741,7 @@ def forward_step(params, config, idx_new, kv_cache):
         x = block_step_forward(params, config, layer, x, B, T, kv_cache, cos, sin)
     kv_cache["length"] = start + T
     xf, _ = rmsnorm_forward(x, params["model.norm.weight"], config.rms_norm_eps)  # (N, C)
-    logits = xf @ wte.T  # (N, V) the tied LM head
+    logits = matmul(xf, wte.T)  # (N, V) the tied LM head
     return logits.reshape(B, T, config.vocab_size)
 
 
