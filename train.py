@@ -21,6 +21,8 @@ What a run does, in the order of the functions below:
    --batch-size rows, adds up their gradients (each weighted by its share of
    the step's non-pad tokens, so the step's loss is the mean over all of them),
    clips the global norm, takes an AdamW step and logs a line to metrics.jsonl.
+   On a GPU, --dtype tf32/bf16/fp16 runs the matmuls in that precision (fp16
+   with dynamic loss scaling: a step whose gradients overflow is skipped).
 6. At the end: validation loss, the parse rate (the share of --eval-samples
    sampled completions that ast.parse accepts, see sample.py), a summary, and
    the checkpoint. `--eval-only --resume DIR` computes just these for DIR.
@@ -73,7 +75,7 @@ DEFAULTS = {   # the model card's run
     "batch_size": 4, "grad_accum": 4, "max_steps": None, "lr": 6e-4, "min_lr": None,
     "warmup": None, "beta1": 0.9, "beta2": 0.95, "eps": 1e-8, "weight_decay": 0.1,
     "grad_clip": 1.0, "seed": 0, "out": None, "resume": None, "init": None, "tokenizer": None,
-    "save_every": 0, "eval_samples": 8, "eval_only": False,
+    "save_every": 0, "eval_samples": 8, "eval_only": False, "dtype": "fp32",
 }
 # With --resume these define the rows a step reads; changing them would not continue the run.
 DATA_SETTINGS = ("data", "rows", "val_rows", "seq_len", "seed")
@@ -145,6 +147,9 @@ def build_parser():
     flag("--eval-only", "evaluate the --resume checkpoint instead of training: validation loss, "
                         "perplexity and parse rate, printed and written to its final_model.json",
          action="store_true")
+    flag("--dtype", "precision of the matmuls, GPU only: fp32, tf32, bf16 or fp16 (fp16 with dynamic "
+                    "loss scaling); weights, optimizer state and all other layers stay float32",
+         choices=albor.MATMUL_DTYPES)
     return parser
 
 
@@ -174,6 +179,8 @@ def parse_settings(argv):
         (args["config"] in albor.PRESETS, f"--config {args['config']!r} is not a preset; "
                                           f"choose from {', '.join(albor.PRESETS)}"),
         (not (args["resume"] and args["init"]), "--resume and --init exclude each other"),
+        (args["dtype"] == "fp32" or albor.BACKEND == "cupy",
+         f"--dtype {args['dtype']} needs a GPU (albor runs on {albor.BACKEND}, which computes in fp32 only)"),
     ]
     for ok, message in checks:
         if not ok:
@@ -432,12 +439,6 @@ def tokenizer_bytes(tok):
 # 5. The loop's helpers: timing, Ctrl-C, evaluation
 
 
-def synchronize():
-    """Wait for queued GPU work (CuPy runs asynchronously) so clocks measure it; no-op on NumPy."""
-    if albor.BACKEND == "cupy":
-        albor.xp.cuda.get_current_stream().synchronize()
-
-
 class LayerClock:
     """Adds up the time spent in albor's layer functions (attention_*, rmsnorm_*, ...).
 
@@ -519,38 +520,50 @@ def evaluate(params, config, inputs, targets, batch_size):
     return total / count if count else None
 
 
-def train_step(params, config, optimizer, inputs, targets, lr, grad_clip, step, timing):
+def train_step(params, config, optimizer, inputs, targets, lr, grad_clip, step, timing, scaler=None):
     """One optimizer step on the micro-batches inputs[m], targets[m] (each (B, T)).
 
-    Returns (loss, pre-clip gradient norm, number of non-pad targets). The loss
+    Returns (loss, pre-clip gradient norm, number of non-pad targets, whether the
+    optimizer stepped). The loss
     is the mean over the non-pad targets of all micro-batches together: a
     micro-batch's mean loss counts with weight n_valid[m] / n_valid_step, and
     backward's loss_scale gives its gradient the same weight, added into one
     gradient dict (so 4 micro-batches of 4 rows = one batch of 16 rows).
+    With --dtype fp16 the scaler's scale multiplies that loss_scale too, and
+    scaler.step unscales, clips and skips the update if a gradient overflowed.
+    Phase times come from albor.PhaseClock (CUDA events on the GPU: no waiting
+    between phases; the step waits for the GPU once, at its end).
     """
     n_valid = [int((t != albor.IGNORE_INDEX).sum()) for t in targets]
     n_valid_step = sum(n_valid)
+    loss_scale = scaler.scale if scaler else 1.0
     grads, loss_sum = None, 0.0
+    clock = albor.PhaseClock()
+    clock.start()
     for m in range(len(inputs)):
-        t0 = time.perf_counter()
         loss, cache = albor.forward(params, config, albor.xp.asarray(inputs[m]), albor.xp.asarray(targets[m]))
         if not math.isfinite(loss):
             raise Diverged(f"the loss is {loss} at step {step} (micro-batch {m + 1} of {len(inputs)})")
-        t1 = time.perf_counter()
-        grads = albor.backward(params, config, cache, loss_scale=n_valid[m] / n_valid_step, grads=grads)
+        clock.mark("forward_seconds")
+        grads = albor.backward(params, config, cache, loss_scale=loss_scale * n_valid[m] / n_valid_step,
+                               grads=grads)
         del cache
-        synchronize()
-        t2 = time.perf_counter()
-        timing["forward_seconds"] += t1 - t0
-        timing["backward_seconds"] += t2 - t1
+        clock.mark("backward_seconds")
         loss_sum += loss * n_valid[m]
-    grad_norm = albor.clip_grad_norm(grads, grad_clip)
-    if not math.isfinite(grad_norm):
-        raise Diverged(f"the gradient norm is {grad_norm} at step {step}")
-    optimizer.step(params, grads, lr)
-    synchronize()
-    timing["optimizer_seconds"] += time.perf_counter() - t2
-    return loss_sum / n_valid_step, grad_norm, n_valid_step
+    if scaler:
+        try:
+            grad_norm, stepped = scaler.step(optimizer, params, grads, lr, grad_clip)
+        except FloatingPointError as e:
+            raise Diverged(f"{e} (step {step})") from None
+    else:
+        grad_norm, stepped = albor.clip_grad_norm(grads, grad_clip), True
+        if not math.isfinite(grad_norm):
+            raise Diverged(f"the gradient norm is {grad_norm} at step {step}")
+        optimizer.step(params, grads, lr)
+    clock.mark("optimizer_seconds")
+    for phase, seconds in clock.collect().items():
+        timing[phase] += seconds
+    return loss_sum / n_valid_step, grad_norm, n_valid_step, stepped
 
 
 def perplexity(loss):
@@ -682,6 +695,10 @@ def run(argv):
         optimizer = albor.AdamW(params, betas=(args["beta1"], args["beta2"]), eps=args["eps"],
                                 weight_decay=args["weight_decay"])
 
+    albor.set_matmul_dtype(args["dtype"])   # fp32 unless --dtype (GPU only)
+    scaler = albor.LossScaler() if args["dtype"] == "fp16" else None
+    if scaler and state and state.get("loss_scaler"):
+        scaler.load_state(state["loss_scaler"])
     print(f"albor {config_name}: {albor.param_count(config):,} parameters on {albor.BACKEND}; "
           f"data: {corpus.description}")
     print(f"tokenizer: {tok_origin}, {tok.vocab_size:,} tokens")
@@ -718,7 +735,8 @@ def run(argv):
         nonlocal last_saved
         save_start = time.perf_counter()
         trainer_state = {"step": step, "args": args, "loss_curve": loss_curve,
-                         "timing": timing, "provenance": provenance}
+                         "timing": timing, "provenance": provenance,
+                         "loss_scaler": scaler.state() if scaler else None}
         final_model = {
             "config": config_name, "finished": finished, "steps": step, "max_steps": max_steps,
             "final_loss": loss_curve[-1] if loss_curve else None,
@@ -755,18 +773,25 @@ def run(argv):
                 micro_rows = np.stack([micro_batch_rows(s, m, args, n_train)
                                        for m in range(args["grad_accum"])])      # (grad_accum, B)
                 attention_before, other_before = clock.seconds["attention"], clock.seconds["other"]
-                step_loss, grad_norm, n_valid_step = train_step(
+                scale = scaler.scale if scaler else None
+                step_loss, grad_norm, n_valid_step, stepped = train_step(
                     params, config, optimizer, train_inputs[micro_rows], train_targets[micro_rows],
-                    lr, args["grad_clip"], s, timing)
+                    lr, args["grad_clip"], s, timing, scaler)
+                if not stepped:
+                    tqdm.write(f"step {s}: a gradient overflowed in fp16 at loss scale {scale:g}; "
+                               f"step skipped, loss scale now {scaler.scale:g}")
                 step_end = time.perf_counter()
                 timing["train_seconds"] += step_end - step_start
                 timing["attention_seconds"] += clock.seconds["attention"] - attention_before
                 timing["other_layers_seconds"] += clock.seconds["other"] - other_before
                 step = s
                 loss_curve.append(step_loss)
-                metrics.write(json.dumps({"step": s, "loss": step_loss, "lr": lr, "grad_norm": grad_norm,
-                                          "tokens": tokens_per_step, "valid_tokens": n_valid_step,
-                                          "seconds": step_end - step_start}) + "\n")
+                record = {"step": s, "loss": step_loss, "lr": lr, "grad_norm": grad_norm,
+                          "tokens": tokens_per_step, "valid_tokens": n_valid_step,
+                          "seconds": step_end - step_start}
+                if scaler:
+                    record.update(loss_scale=scale, skipped=not stepped)
+                metrics.write(json.dumps(record) + "\n")
                 metrics.flush()
                 bar.update(1)
                 bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}",

@@ -380,6 +380,60 @@ def test_an_overflowing_step_is_skipped_and_a_clean_one_is_the_fp32_step(numpy_b
     assert scaler.scale == 2.0 ** 10  # two clean steps in a row: grown back
 
 
+def test_train_py_dtype_needs_a_gpu(numpy_backend, capsys):
+    import train
+    with pytest.raises(SystemExit):
+        train.parse_settings(["--dtype", "fp16"])
+    assert "--dtype fp16 needs a GPU" in capsys.readouterr().err
+    args, _ = train.parse_settings(["--dtype", "fp32"])
+    assert args["dtype"] == "fp32" and train.DEFAULTS["dtype"] == "fp32"
+
+
+def test_train_step_with_the_loss_scaler(numpy_backend, monkeypatch):
+    """train.py's step with --dtype fp16's scaler (here on fp32 matmuls, which a CPU has):
+    the same weights as the unscaled step; with an overflowing gradient injected into
+    backward's result, no update, the step reported as not taken, the scale halved."""
+    import train
+    config = albor.get_config("tiny")
+    rng = np.random.default_rng(13)
+    inputs = rng.integers(0, config.vocab_size, (2, 3, 20))     # 2 micro-batches of 3 rows
+    targets = rng.integers(0, config.vocab_size, (2, 3, 20))
+    targets[1, 0, 10:] = albor.IGNORE_INDEX
+    timing = {"forward_seconds": 0.0, "backward_seconds": 0.0, "optimizer_seconds": 0.0}
+    runs = []
+    for scaler in (None, albor.LossScaler()):
+        params = albor.init_params(config, seed=14)
+        optimizer = albor.AdamW(params)
+        result = train.train_step(params, config, optimizer, inputs, targets, 1e-3, 1.0, 1,
+                                  timing, scaler)
+        runs.append((result, params))
+    (plain, plain_params), (scaled, scaled_params) = runs
+    assert scaled == plain and scaled[3] is True
+    for name in plain_params:
+        assert scaled_params[name].tobytes() == plain_params[name].tobytes()
+    assert timing["forward_seconds"] > 0 and timing["optimizer_seconds"] > 0
+
+    backward = albor.backward
+
+    def overflowing_backward(*args, **kwargs):
+        grads = backward(*args, **kwargs)
+        grads["model.norm.weight"][0] = np.inf
+        return grads
+    monkeypatch.setattr(albor, "backward", overflowing_backward)
+    scaler = albor.LossScaler()
+    before = {name: p.copy() for name, p in scaled_params.items()}
+    loss, norm, _, stepped = train.train_step(scaled_params, config, optimizer, inputs, targets,
+                                              1e-3, 1.0, 2, timing, scaler)
+    assert math.isfinite(loss) and not math.isfinite(norm) and stepped is False
+    assert scaler.scale == 2.0 ** 15 and optimizer.t == 1
+    for name in before:
+        assert scaled_params[name].tobytes() == before[name].tobytes()
+    scaler.scale = 1.0  # overflow at the floor: the run diverges, as with fp32
+    with pytest.raises(train.Diverged, match="overflow even at loss scale 1"):
+        train.train_step(scaled_params, config, optimizer, inputs, targets, 1e-3, 1.0, 3, timing,
+                         scaler)
+
+
 # ============================================================================================
 # 4. The step clock
 # ============================================================================================
