@@ -27,6 +27,8 @@ cd "$(dirname "$0")/.."
 LOG="${OUT:-runs}/gpu_check"
 mkdir -p "$LOG"
 SUMMARY="$LOG/summary.txt"
+rm -f "$LOG"/*.sha256
+LAST_RC=1
 BUDGET="${GPU_CHECK_SECONDS:-540}"
 START=$(date +%s)
 : > "$SUMMARY"
@@ -39,6 +41,7 @@ step() {
     local name=$1 limit=$2
     shift 2
     local left=$((BUDGET - ($(date +%s) - START)))
+    LAST_RC=1
     if [ "$left" -lt 20 ]; then
         note "$(printf '%-22s skipped: out of time' "$name")"
         return 0
@@ -48,13 +51,16 @@ step() {
     t0=$(date +%s.%N)
     timeout --kill-after=10 "$limit" "$@" > "$LOG/$name.log" 2>&1
     rc=$?
+    LAST_RC=$rc
     t1=$(date +%s.%N)
     local seconds
     seconds=$(python3 -c "print(f'{$t1 - $t0:.1f}')")
     local status="ok"
     [ "$rc" -ne 0 ] && status="FAILED (exit $rc)"
     [ "$rc" -eq 124 ] && status="TIMED OUT after ${limit} s"
-    note "$(printf '%-22s %-28s %7s s   %s' "$name" "$status" "$seconds" "$*")"
+    local command="$*"
+    [ "${#command}" -gt 90 ] && command="${command:0:87}..."
+    note "$(printf '%-22s %-28s %7s s   %s' "$name" "$status" "$seconds" "$command")"
     tail -n 3 "$LOG/$name.log" | sed 's/^/      | /' | tee -a "$SUMMARY"
     return 0
 }
@@ -100,12 +106,22 @@ cat "$LOG/machine.log" | sed 's/^/      | /' >> "$SUMMARY"
 # 2. the gpu-marked tests
 step gpu_tests 300 env ALBOR_DEVICE=cuda python3 -m pytest -q -m gpu -p no:cacheprovider
 
-# 3. the model card's run: same command twice, then the dtypes and the reference path
-RUN=checkpoints/albor-base-50m   # train.py's default --out for the default config
-step train_cold 240 python3 train.py --rows 500
-figures train_cold "$RUN"
-step train_warm 120 python3 train.py --rows 500
-figures train_warm "$RUN"
+# 3. the model card's run: same command twice, then the dtypes and the reference path. Each run
+# writes its own folder next to train.py's default one (checkpoints/albor-base-50m), so the
+# tokenizer cache checkpoints/tokenizers/ is the one a plain `python train.py --rows 500` uses.
+train_run() {  # train_run NAME LIMIT [ENV=VALUE ...] -- [train.py flags ...]
+    local name=$1 limit=$2
+    shift 2
+    local envs=()
+    while [ "$1" != "--" ]; do envs+=("$1"); shift; done
+    shift
+    rm -rf "checkpoints/gpu_$name"
+    step "$name" "$limit" env ${envs[@]+"${envs[@]}"} python3 train.py --rows 500 --out "checkpoints/gpu_$name" "$@"
+    [ "$LAST_RC" -eq 0 ] && figures "$name" "checkpoints/gpu_$name"
+    return 0
+}
+train_run train_cold 240 --
+train_run train_warm 120 --
 if [ -f "$LOG/train_cold.sha256" ] && [ -f "$LOG/train_warm.sha256" ]; then
     if cmp -s "$LOG/train_cold.sha256" "$LOG/train_warm.sha256"; then
         note "      determinism: the two fp32 runs wrote the same model.safetensors bytes"
@@ -114,17 +130,16 @@ if [ -f "$LOG/train_cold.sha256" ] && [ -f "$LOG/train_warm.sha256" ]; then
     fi
 fi
 for dtype in tf32 bf16 fp16; do
-    step "train_$dtype" 120 python3 train.py --rows 500 --dtype "$dtype" --out "checkpoints/gpu_$dtype"
-    figures "train_$dtype" "checkpoints/gpu_$dtype"
+    train_run "train_$dtype" 120 -- --dtype "$dtype"
 done
-step train_reference 180 env ALBOR_KERNELS=0 python3 train.py --rows 500 --out checkpoints/gpu_reference
-figures train_reference checkpoints/gpu_reference
-note "      targets (H200): --rows 500 under 10 s wall including start-up (train_warm's step time"
-note "      above, measured around the whole command) and under 3 s of training (its 'train')"
+train_run train_reference 180 ALBOR_KERNELS=0 --
+note "      targets (H200): --rows 500 under 10 s including start-up (the seconds on train_warm's"
+note "      line: the whole command) and under 3 s of training (its 'train' figure)"
 
 # 4. the benchmark against PyTorch eager on the same GPU
 step bench 300 python3 bench.py --batch-size 32 --seq-len 512
-grep -iE "ratio|PyTorch|step " "$LOG/bench.log" | head -n 20 | sed 's/^/      | /' >> "$SUMMARY"
+[ -f "$LOG/bench.log" ] && grep -iE "ratio|PyTorch|step " "$LOG/bench.log" | head -n 20 \
+    | sed 's/^/      | /' >> "$SUMMARY"
 note "      target: albor's step time within 1.5x of PyTorch eager's"
 
 # 5. the whole suite on the GPU
