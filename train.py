@@ -739,6 +739,7 @@ def run(argv):
                          "loss_scaler": scaler.state() if scaler else None}
         final_model = {
             "config": config_name, "finished": finished, "steps": step, "max_steps": max_steps,
+            "warmup": warmup, "lr": args["lr"], "min_lr": min_lr,
             "final_loss": loss_curve[-1] if loss_curve else None,
             "best_loss": min(loss_curve) if loss_curve else None,
             "perplexity": perplexity(loss_curve[-1]) if loss_curve else None,
