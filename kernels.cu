@@ -618,6 +618,7 @@ embedding_backward(const long long* __restrict__ sorted_keys, const float* __res
     const long long first_key = (long long)blockIdx.x * N;  // token v = blockIdx.x at position 0
     const int first = lower_bound(sorted_keys, N, first_key);
     const int last = lower_bound(sorted_keys, N, first_key + N);
+    if (first == last) return;  // token v does not occur: its row stays as it is
     float* row = dwte + (size_t)blockIdx.x * C;
     for (int c = threadIdx.x; c < C; c += blockDim.x) {
         float acc = row[c];

@@ -453,6 +453,17 @@ def test_phase_clock_adds_up_phases_over_steps(numpy_backend):
     assert clock.seconds["forward"] >= step["forward"]
 
 
+def test_docstring_examples_of_the_gpu_section():
+    import doctest
+    for obj in (albor.LossScaler, albor.PhaseClock):
+        runner = doctest.DocTestRunner()
+        tests = doctest.DocTestFinder().find(obj, globs=vars(albor))
+        assert sum(len(test.examples) for test in tests) >= 2, obj.__name__
+        for test in tests:
+            runner.run(test)
+        assert runner.failures == 0, obj.__name__
+
+
 # ============================================================================================
 # 5. On a GPU (deselected without one)
 # ============================================================================================
