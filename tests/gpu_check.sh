@@ -138,7 +138,7 @@ note "      line: the whole command) and under 3 s of training (its 'train' figu
 
 # 4. the benchmark against PyTorch eager on the same GPU
 step bench 300 python3 bench.py --batch-size 32 --seq-len 512
-[ -f "$LOG/bench.log" ] && grep -iE "ratio|PyTorch|step " "$LOG/bench.log" | head -n 20 \
+[ -f "$LOG/bench.log" ] && grep -E "PyTorch|  step |tokens/s|MFU|targets" "$LOG/bench.log" | head -n 20 \
     | sed 's/^/      | /' >> "$SUMMARY"
 note "      target: albor's step time within 1.5x of PyTorch eager's"
 
