@@ -870,11 +870,13 @@ def generate(params, config, prompt_ids, max_new_tokens, temperature=1.0, top_k=
 # embedding_backward, has a kernel here (embedding_backward). So float32 training on the GPU
 # gives the same checkpoint bytes run after run (tests/test_gpu_path.py checks it on a GPU).
 #
-# Host-device traffic in a training step on the GPU: the micro-batch's token ids go up, and
-# Python numbers come down only where a Python value is needed: the loss (forward returns a
-# float), the count of counted targets (the cross-entropy kernel's 1/n scale), the grad norm
-# (clip_grad_norm, one sum for all parameters), and forward's checks of the token ids' range.
-# Nothing else waits for the GPU.
+# Host-device traffic in a training step on the GPU (read off the code, not yet profiled): up go
+# the micro-batch's token ids and targets and the RoPE cos/sin tables (rope_tables builds them
+# on the host, (T, D) each, every forward); down come Python numbers only where a Python value
+# is needed: the loss (forward returns a float), the count of counted targets (the
+# cross-entropy kernel's 1/n scale), the grad norm (clip_grad_norm: one sum over all
+# parameters, one read), and forward's checks of the token ids' range (idx.min/max, targets).
+# Nothing else waits for the GPU; train.py's step clock waits once, at the end of the step.
 
 import time
 
