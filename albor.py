@@ -890,7 +890,7 @@ def _kernels_setting():
 
 
 KERNELS_CU = os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernels.cu")
-USE_KERNELS = BACKEND == "cupy" and _kernels_setting()  # read at call time: tests flip it
+USE_KERNELS = _kernels_setting() and BACKEND == "cupy"  # read at call time: tests flip it
 KERNEL_MODULE = None  # kernels.cu compiled (cupy.RawModule), made on first use; tests put the
                       # CPU emulator (tests/kernel_emu.EmuModule) here
 

@@ -236,6 +236,9 @@ def test_albor_kernels_switch(monkeypatch):
                             cwd=ROOT, capture_output=True, text=True,
                             env={**os.environ, "ALBOR_DEVICE": "cpu", "ALBOR_KERNELS": "1"})
     assert result.stdout.strip() == "False", result.stderr
+    result = subprocess.run([sys.executable, "-c", "import albor"], cwd=ROOT, capture_output=True,
+                            text=True, env={**os.environ, "ALBOR_KERNELS": "off"})
+    assert result.returncode != 0 and "ALBOR_KERNELS must be 0" in result.stderr
 
 
 # ============================================================================================
