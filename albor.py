@@ -550,7 +550,7 @@ def forward(params, config, idx, targets=None):
     Python float, cache) and the cache feeds `backward`.
 
     The cache holds what backward needs and nothing else:
-      idx, targets (flattened), B, T, the RoPE cos/sin tables,
+      idx, targets (flattened), the RoPE cos/sin tables,
       per layer: x and x_mid (the residual stream entering each half), rstd_attn and rstd_mlp
         (the RMSNorm scales), a and m (the normalized inputs of the projections), q and k (after
         RoPE), v, att (attention output with heads merged, (N, C)), lse, gate, up, h (SwiGLU output),
@@ -589,7 +589,7 @@ def forward(params, config, idx, targets=None):
     if bool(bad.any()):
         raise ValueError(f"targets must lie in [0, {V}) or equal IGNORE_INDEX ({IGNORE_INDEX})")
     loss, probs, _ = cross_entropy_forward(logits, targets)
-    cache = dict(idx=idx, targets=targets, B=B, T=T, cos=cos, sin=sin, layers=layer_caches,
+    cache = dict(idx=idx, targets=targets, cos=cos, sin=sin, layers=layer_caches,
                  x_final=x, rstd_final=rstd_final, xf=xf, probs=probs)
     return loss, cache
 
