@@ -55,6 +55,7 @@ import sample
 from tokenizer import EOT_ID, PAD_ID, Tokenizer, stdlib_python_files
 
 TOKENIZER_LINES = 100_000     # a tokenizer trained here sees the corpus's first 100K lines
+TOKENIZER_MIN_FREQUENCY = 1   # merge down to pairs seen once: fills all 32,768 ids from those lines
 PREFIX_CHARS_PER_TOKEN = 32   # a row needs only a document's first tokens: encode a prefix this
                               # many characters per token long (cut at a line end), not the whole file
 TRAINER_STATE = "trainer_state.json"
@@ -401,7 +402,7 @@ def get_tokenizer(args, config, corpus, source_folder):
         texts = corpus.first_lines(TOKENIZER_LINES)
         if not texts:
             raise RunError(f"no usable text in {corpus.description} to train a tokenizer on")
-        key = hashlib.sha256(f"vocab_size={config.vocab_size}\n".encode())
+        key = hashlib.sha256(f"vocab_size={config.vocab_size}\nmin_frequency={TOKENIZER_MIN_FREQUENCY}\n".encode())
         for text in texts:
             key.update(text.encode("utf-8"))
             key.update(b"\0")
@@ -413,7 +414,7 @@ def get_tokenizer(args, config, corpus, source_folder):
             lines = sum(text.count("\n") for text in texts)
             print(f"training a {config.vocab_size:,}-token tokenizer on the first {lines:,} lines of "
                   f"{corpus.description} ...")
-            tok = Tokenizer.train(texts, config.vocab_size, progress=True)
+            tok = Tokenizer.train(texts, config.vocab_size, min_frequency=TOKENIZER_MIN_FREQUENCY, progress=True)
             path.parent.mkdir(parents=True, exist_ok=True)
             albor.atomic_write_bytes(path, tokenizer_bytes(tok))
             origin = f"{path} (trained in {time.perf_counter() - started:.1f} s)"
