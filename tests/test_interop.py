@@ -7,7 +7,6 @@ decode greedily to albor's tokens, and its tokenizer.json must give tokenizer.py
 dependencies (requirements-dev.txt); albor itself never imports them.
 """
 import json
-import math
 import warnings
 
 import numpy as np
@@ -18,6 +17,7 @@ import transformers
 from tokenizers import Tokenizer as HFTokenizer
 
 import albor
+from tests.test_sample import params_of
 from tokenizer import EOT_ID, PAD_ID, Tokenizer, stdlib_python_files
 
 # Two small shapes; the second changes every setting config.json carries (GQA group size,
@@ -35,18 +35,6 @@ TEXTS = ["def fib(n):\n    return n if n < 2 else fib(n - 1) + fib(n - 2)\n",
          "", " ", "\n\n", "import os, sys\nprint(os.sep)  <|endoftext|> tail"]
 
 
-def params_of(config, seed=0):
-    """Random weights, larger than init_params' and with norm weights away from 1, so every
-    weight and setting moves the logits visibly."""
-    rng = np.random.default_rng(seed)
-    params = {}
-    for name, shape in albor.param_shapes(config).items():
-        if len(shape) == 1:
-            host = 1.0 + 0.3 * rng.standard_normal(shape)
-        else:
-            host = rng.standard_normal(shape) / math.sqrt(shape[-1])
-        params[name] = albor.xp.asarray(host.astype(np.float32))
-    return params
 
 
 @pytest.fixture(scope="module")
