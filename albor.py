@@ -22,11 +22,15 @@ check every backward against finite differences).
 Parameter names and layouts are Hugging Face's LlamaForCausalLM ones (weights are (out, in),
 so a linear layer is `x @ w.T`), so a checkpoint loads in `transformers` unchanged.
 """
+import dataclasses
+import json
 import math
 import os
 from dataclasses import dataclass
 
 import numpy as np
+from safetensors import SafetensorError
+from safetensors.numpy import load_file as _safetensors_load_file
 
 # -----------------------------------------------------------------------------
 # Backend: `xp` is CuPy when a CUDA GPU is usable, NumPy otherwise.
@@ -1347,15 +1351,6 @@ class PhaseClock:
 # Everything train.py needs to update the weights and to save and load them.
 # The optimizer state lives next to the parameters (same names, float32, on the
 # same backend), so saving a checkpoint is writing three dicts of arrays.
-
-import dataclasses
-import json
-import math
-import os
-
-import numpy as np
-from safetensors import SafetensorError
-from safetensors.numpy import load_file as _safetensors_load_file
 
 
 def is_decayed(name, shape):

@@ -8,7 +8,6 @@ its definition. sample.py runs end to end on a tiny checkpoint written here.
 import dataclasses
 import io
 import math
-import os
 import subprocess
 import sys
 from pathlib import Path
