@@ -365,25 +365,33 @@ def _sigmoid(x):
     return s
 
 
-def swiglu_forward(gate, up):
-    """h = silu(gate) * up with silu(g) = g * sigmoid(g). gate, up (N, F) -> h (N, F)."""
+def swiglu_forward(gate, up, sig=None):
+    """h = silu(gate) * up with silu(g) = g * sigmoid(g). gate, up (N, F) -> h (N, F).
+
+    sig: sigmoid(gate) if the caller has it already (block_forward keeps it for the backward,
+    so neither pass needs another exp, the costly part on a CPU); else it is computed here.
+    The GPU kernels compute their own.
+    """
     if _use_kernels(gate, up):
         return launch_swiglu_forward(kernel_module(), xp, gate, up)
-    h = _sigmoid(gate)
-    h *= gate
+    if sig is None:
+        sig = _sigmoid(gate)
+    h = gate * sig
     h *= up
     return h
 
 
-def swiglu_backward(dh, gate, up):
-    """Gradients of h = gate * sigmoid(gate) * up: returns (dgate, dup)."""
+def swiglu_backward(dh, gate, up, sig=None):
+    """Gradients of h = gate * sigmoid(gate) * up: returns (dgate, dup). sig as in swiglu_forward."""
     if _use_kernels(dh, gate, up):
         return launch_swiglu_backward(kernel_module(), xp, dh, gate, up)
-    sig = _sigmoid(gate)
+    if sig is None:
+        sig = _sigmoid(gate)
     silu = gate * sig
     dup = dh * silu
     # d silu / d gate = sig + gate * sig * (1 - sig) = sig + silu * (1 - sig)
-    dsilu = silu - silu * sig
+    dsilu = 1.0 - sig
+    dsilu *= silu
     dsilu += sig
     dgate = dh * up
     dgate *= dsilu
@@ -475,10 +483,11 @@ def block_forward(params, config, layer, x, B, T, cos, sin):
     m, rstd_mlp = rmsnorm_forward(x_mid, params[p + "post_attention_layernorm.weight"], eps)
     gate = matmul(m, params[p + "mlp.gate_proj.weight"].T)  # (N, F)
     up = matmul(m, params[p + "mlp.up_proj.weight"].T)  # (N, F)
-    h = swiglu_forward(gate, up)  # (N, F)
+    sig = None if _use_kernels(gate) else _sigmoid(gate)  # (N, F) kept: the backward needs no exp
+    h = swiglu_forward(gate, up, sig)  # (N, F)
     x_out = x_mid + matmul(h, params[p + "mlp.down_proj.weight"].T)  # (N, C)
     cache = dict(x=x, rstd_attn=rstd_attn, a=a, q=q, k=k, v=v, att=att, lse=lse,
-                 x_mid=x_mid, rstd_mlp=rstd_mlp, m=m, gate=gate, up=up, h=h)
+                 x_mid=x_mid, rstd_mlp=rstd_mlp, m=m, gate=gate, up=up, sig=sig)
     return x_out, cache
 
 
@@ -498,11 +507,13 @@ def block_backward(params, config, layer, dx_out, cache, cos, sin, grads):
     B, H, T, D = c["q"].shape
     N, C = dx_out.shape
     KVH = config.num_key_value_heads
-    # x_out = x_mid + h @ down_proj.T
-    _add_grad(grads, p + "mlp.down_proj.weight", matmul(dx_out.T, c["h"]))  # (C, F)
+    # x_out = x_mid + h @ down_proj.T, h = swiglu(gate, up) (not kept: 2 passes to redo with sig)
+    h = swiglu_forward(c["gate"], c["up"], c["sig"])  # (N, F)
+    _add_grad(grads, p + "mlp.down_proj.weight", matmul(dx_out.T, h))  # (C, F)
+    del h
     dh = matmul(dx_out, params[p + "mlp.down_proj.weight"])  # (N, F)
     # h = swiglu(gate, up)
-    dgate, dup = swiglu_backward(dh, c["gate"], c["up"])
+    dgate, dup = swiglu_backward(dh, c["gate"], c["up"], c["sig"])
     # gate = m @ gate_proj.T ; up = m @ up_proj.T
     _add_grad(grads, p + "mlp.gate_proj.weight", matmul(dgate.T, c["m"]))  # (F, C)
     _add_grad(grads, p + "mlp.up_proj.weight", matmul(dup.T, c["m"]))  # (F, C)
@@ -557,7 +568,8 @@ def forward(params, config, idx, targets=None):
       idx, targets (flattened), the RoPE cos/sin tables,
       per layer: x and x_mid (the residual stream entering each half), rstd_attn and rstd_mlp
         (the RMSNorm scales), a and m (the normalized inputs of the projections), q and k (after
-        RoPE), v, att (attention output with heads merged, (N, C)), lse, gate, up, h (SwiGLU output),
+        RoPE), v, att (attention output with heads merged, (N, C)), lse, gate, up, sig = sigmoid(gate)
+        (None on the GPU kernel path; the SwiGLU output h is recomputed from these),
       x_final (the residual stream after the last block), rstd_final, xf (its normalized form),
       probs: the (N, V) softmax probabilities, in the logits' buffer (backward overwrites them).
     """
