@@ -26,6 +26,7 @@ import dataclasses
 import json
 import math
 import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -1392,6 +1393,7 @@ def is_decayed(name, shape):
 # instead of each streaming a whole array (the embedding and its AdamW state are 67 MB each)
 # through memory. That makes AdamW 1.7x and the gradient norm 1.3x faster for albor-base-50m.
 BLOCK_NUMBERS = 1 << 18
+OPTIMIZER_THREADS = 2   # threads AdamW.step shares the blocks out to (2: 1.3x faster on 2 cores)
 
 
 def row_blocks(a):
@@ -1443,7 +1445,8 @@ class AdamW:
         self.m = {name: xp.zeros_like(p) for name, p in params.items()}  # first moments
         self.v = {name: xp.zeros_like(p) for name, p in params.items()}  # second moments
         largest_block = max(p[block].size for p in params.values() for block in row_blocks(p))
-        self._scratch = xp.empty(largest_block, dtype=xp.float32)       # one work buffer
+        self._scratch = [xp.empty(largest_block, dtype=xp.float32)      # a work buffer per thread
+                         for _ in range(OPTIMIZER_THREADS)]
 
     def step(self, params, grads, lr):
         """Update every parameter in place with its gradient, at learning rate lr."""
@@ -1457,6 +1460,7 @@ class AdamW:
         # m_hat = m / bc1, v_hat = v / bc2, step_size = lr * sqrt(bc2) / bc1, eps_scaled = eps * sqrt(bc2)
         step_size = lr * math.sqrt(bias_correction2) / bias_correction1
         eps_scaled = self.eps * math.sqrt(bias_correction2)
+        blocks = []   # (p, g, m, v, lr * decay) of each block of rows the CPU updates
         for name, p in params.items():
             g, m, v = grads[name], self.m[name], self.v[name]
             decay = self.weight_decay if is_decayed(name, p.shape) else 0.0
@@ -1464,10 +1468,18 @@ class AdamW:
                 launch_adamw_update(kernel_module(), p, g, m, v, lr, self.beta1, self.beta2,
                                     self.eps, decay, self.t)
                 continue
-            for block in row_blocks(p):                   # in the CPU cache, block by block
-                scratch = self._scratch[:p[block].size].reshape(p[block].shape)
-                self._update(p[block], g[block], m[block], v[block], scratch, lr * decay,
-                             step_size, eps_scaled)
+            blocks += [(p[b], g[b], m[b], v[b], lr * decay) for b in row_blocks(p)]  # views
+
+        def update_blocks(share, scratch):
+            for p, g, m, v, lr_decay in share:
+                self._update(p, g, m, v, scratch[:p.size].reshape(p.shape), lr_decay, step_size,
+                             eps_scaled)
+        # NumPy runs an elementwise op on one core, but lets other Python threads run meanwhile:
+        # OPTIMIZER_THREADS threads, each with its own scratch buffer, share out the blocks
+        # (list() waits for them and re-raises an error one of them hit).
+        shares = [blocks[i::OPTIMIZER_THREADS] for i in range(OPTIMIZER_THREADS)]
+        with ThreadPoolExecutor(OPTIMIZER_THREADS) as pool:
+            list(pool.map(update_blocks, shares, self._scratch))
 
     def _update(self, p, g, m, v, scratch, lr_decay, step_size, eps_scaled):
         """One block's update, in place: 13 passes, no temporary arrays."""
