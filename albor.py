@@ -23,6 +23,7 @@ Parameter names and layouts are Hugging Face's LlamaForCausalLM ones (weights ar
 so a linear layer is `x @ w.T`), so a checkpoint loads in `transformers` unchanged.
 """
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -282,8 +283,10 @@ def rope_backward(dout, cos, sin):
 # position t = r % T, which is what the causal mask looks at.
 
 
+@functools.lru_cache(maxsize=8)
 def _causal_mask_bias(T, group, dtype):
-    """(group*T, T): 0 where key position s <= query position t = row % T, -inf after it."""
+    """(group*T, T): 0 where key position s <= query position t = row % T, -inf after it.
+    Made once per shape (cached: every layer, forward and backward, reads the same one)."""
     t = xp.arange(group * T) % T  # (group*T,)
     s = xp.arange(T)  # (T,)
     return xp.where(s[None, :] > t[:, None], -xp.inf, 0.0).astype(dtype)
