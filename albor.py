@@ -466,20 +466,31 @@ def cross_entropy_backward(probs, targets, loss_scale=1.0):
 # The transformer block: attention half, then MLP half, each with a residual add.
 
 
-def block_forward(params, config, layer, x, B, T, cos, sin):
-    """One block on x (N, C), N = B*T. Returns (x_out (N, C), cache for block_backward)."""
+def attention_inputs_forward(params, config, layer, x, B, T, cos, sin):
+    """The attention half's inputs from the residual stream x (N, C), N = B*T:
+    a = rmsnorm(x) (N, C) and its rstd (N, 1); q (B, H, T, D) and k (B, KVH, T, D) projected
+    from a and rotated by RoPE; v (B, KVH, T, D) projected (a strided view).
+    block_forward and block_step_forward (decoding with a KV cache) share it."""
     p = f"model.layers.{layer}."
-    N, C = x.shape
     H, KVH, D = config.num_attention_heads, config.num_key_value_heads, config.head_dim
-    eps = config.rms_norm_eps
-    # attention half: x_mid = x + o_proj(attention(rope(q), rope(k), v)) of rmsnorm(x)
-    a, rstd_attn = rmsnorm_forward(x, params[p + "input_layernorm.weight"], eps)  # (N, C)
+    a, rstd = rmsnorm_forward(x, params[p + "input_layernorm.weight"], config.rms_norm_eps)
     q = matmul(a, params[p + "self_attn.q_proj.weight"].T)  # (N, H*D)
     k = matmul(a, params[p + "self_attn.k_proj.weight"].T)  # (N, KVH*D)
     v = matmul(a, params[p + "self_attn.v_proj.weight"].T)  # (N, KVH*D)
     q = rope_forward(q.reshape(B, T, H, D).transpose(0, 2, 1, 3), cos, sin)  # (B, H, T, D)
     k = rope_forward(k.reshape(B, T, KVH, D).transpose(0, 2, 1, 3), cos, sin)  # (B, KVH, T, D)
-    v = xp.ascontiguousarray(v.reshape(B, T, KVH, D).transpose(0, 2, 1, 3))  # (B, KVH, T, D)
+    v = v.reshape(B, T, KVH, D).transpose(0, 2, 1, 3)  # (B, KVH, T, D) view
+    return a, rstd, q, k, v
+
+
+def block_forward(params, config, layer, x, B, T, cos, sin):
+    """One block on x (N, C), N = B*T. Returns (x_out (N, C), cache for block_backward)."""
+    p = f"model.layers.{layer}."
+    N, C = x.shape
+    eps = config.rms_norm_eps
+    # attention half: x_mid = x + o_proj(attention(rope(q), rope(k), v)) of rmsnorm(x)
+    a, rstd_attn, q, k, v = attention_inputs_forward(params, config, layer, x, B, T, cos, sin)
+    v = xp.ascontiguousarray(v)  # (B, KVH, T, D)
     att, lse = attention_forward(q, k, v)  # (B, H, T, D), (B, H, T)
     att = att.transpose(0, 2, 1, 3).reshape(N, C)  # heads side by side again (a copy)
     x_mid = x + matmul(att, params[p + "self_attn.o_proj.weight"].T)  # (N, C)
@@ -712,18 +723,12 @@ def block_step_forward(params, config, layer, x, B, T, kv_cache, cos, sin):
     cos, sin (T, D) are the new positions' RoPE rows. Returns x_out (N, C)."""
     p = f"model.layers.{layer}."
     N, C = x.shape
-    H, KVH, D = config.num_attention_heads, config.num_key_value_heads, config.head_dim
     eps = config.rms_norm_eps
     start, stop = kv_cache["length"], kv_cache["length"] + T
     # attention half: x_mid = x + o_proj(attention(rope(q), rope(k), v)) of rmsnorm(x)
-    a, _ = rmsnorm_forward(x, params[p + "input_layernorm.weight"], eps)  # (N, C)
-    q = matmul(a, params[p + "self_attn.q_proj.weight"].T)  # (N, H*D)
-    k = matmul(a, params[p + "self_attn.k_proj.weight"].T)  # (N, KVH*D)
-    v = matmul(a, params[p + "self_attn.v_proj.weight"].T)  # (N, KVH*D)
-    q = rope_forward(q.reshape(B, T, H, D).transpose(0, 2, 1, 3), cos, sin)  # (B, H, T, D)
-    k = rope_forward(k.reshape(B, T, KVH, D).transpose(0, 2, 1, 3), cos, sin)  # (B, KVH, T, D)
+    _, _, q, k, v = attention_inputs_forward(params, config, layer, x, B, T, cos, sin)
     kv_cache["k"][layer][:, :, start:stop] = k
-    kv_cache["v"][layer][:, :, start:stop] = v.reshape(B, T, KVH, D).transpose(0, 2, 1, 3)
+    kv_cache["v"][layer][:, :, start:stop] = v
     att = attention_cached_forward(q, kv_cache["k"][layer][:, :, :stop],
                                    kv_cache["v"][layer][:, :, :stop])  # (B, H, T, D)
     att = att.transpose(0, 2, 1, 3).reshape(N, C)  # heads side by side again
