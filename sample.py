@@ -57,12 +57,9 @@ def load(folder):
     if not os.path.isfile(path):
         raise SampleError(f"{path}: file not found (the checkpoint has no tokenizer)")
     try:
-        tok = Tokenizer.load(path)
+        tok = Tokenizer.load(path, max_vocab_size=config.vocab_size)
     except ValueError as e:
         raise SampleError(str(e).splitlines()[0]) from None
-    if tok.vocab_size > config.vocab_size:
-        raise SampleError(f"{path}: {tok.vocab_size} tokens, more than the model's vocab_size "
-                          f"{config.vocab_size}")
     return config, params, tok
 
 

@@ -365,21 +365,27 @@ class Tokenizer:
         Path(path).write_text(text, encoding="utf-8", newline="\n")
 
     @classmethod
-    def load(cls, path):
+    def load(cls, path, max_vocab_size=None):
         """Read a tokenizer.json written by `save` (or by `tokenizers` from one).
 
         Checks everything that decides the ids, so a corrupt file or one from
         another tokenizer (GPT-2's, say: different byte ids, different split)
         fails with a one-line ValueError instead of encoding differently.
+        With `max_vocab_size` (a model's vocab_size), a tokenizer with more
+        tokens than that is an error too: every id it makes must fit the model.
         """
         try:
             data = json.loads(Path(path).read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
             raise ValueError(f"{path}: cannot read a tokenizer.json: {err}") from None
         try:
-            return cls.from_json(data)
+            tok = cls.from_json(data)
         except ValueError as err:
             raise ValueError(f"{path}: not an albor tokenizer.json: {err}") from None
+        if max_vocab_size is not None and tok.vocab_size > max_vocab_size:
+            raise ValueError(f"{path}: the tokenizer has {tok.vocab_size:,} tokens, more than the "
+                             f"model's vocab_size {max_vocab_size:,}: every id must fit")
+        return tok
 
     @classmethod
     def from_json(cls, data):

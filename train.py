@@ -423,12 +423,9 @@ def get_tokenizer(args, config, corpus, source_folder):
     except OSError as e:
         raise RunError(f"{path}: cannot read the tokenizer ({e.strerror})") from None
     try:
-        tok = Tokenizer.load(path)
+        tok = Tokenizer.load(path, max_vocab_size=config.vocab_size)
     except ValueError as e:
         raise RunError(str(e).splitlines()[0]) from None
-    if tok.vocab_size > config.vocab_size:
-        raise RunError(f"{path}: the tokenizer has {tok.vocab_size:,} tokens, more than the model's "
-                       f"vocab_size {config.vocab_size:,}: every id must fit")
     return tok, data, origin
 
 

@@ -308,6 +308,13 @@ def test_foreign_tokenizers_file_is_rejected(tmp_path):
         Tokenizer.load(tmp_path / "gpt2ish.json")
 
 
+def test_load_checks_the_ids_fit_a_model(tok, saved):
+    # every id the tokenizer can make must fit the model's vocabulary
+    assert Tokenizer.load(saved, max_vocab_size=tok.vocab_size).vocab_size == tok.vocab_size
+    with pytest.raises(ValueError, match=f"{tok.vocab_size:,} tokens, more than the model's vocab_size"):
+        Tokenizer.load(saved, max_vocab_size=tok.vocab_size - 1)
+
+
 def test_old_merges_format_loads(saved, tmp_path):
     # tokenizers < 0.20 wrote merges as "left right" strings; same tokenizer.
     data = json.loads(saved.read_text(encoding="utf-8"))
