@@ -2,6 +2,8 @@
 
     python bench.py                                   # albor-base-50m, micro-batch 4 x 128
     python bench.py --config tiny --repeats 1         # a quick smoke run
+    python bench.py --attention                       # attention alone, over a sweep of B and T
+    python bench.py --attention --batch-sizes 4 8 --seq-lens 512 1024
 
 What it measures, in order:
 1. The machine's float32 GEMM rate, with albor's own array library (NumPy on a CPU,
@@ -20,6 +22,10 @@ What it measures, in order:
    module-level layer functions (attention_forward, rmsnorm_backward, ...) is
    temporarily replaced by a timed wrapper. Whatever forward+backward time is not
    inside a wrapped layer function is the matmuls (plus residual adds and reshapes).
+With --attention, only this instead: causal GQA attention forward + backward with the
+preset's heads, over batch sizes x sequence lengths, through albor's reference code
+(albor.USE_KERNELS = False), its kernels.cu (on a GPU) and PyTorch's
+scaled_dot_product_attention (if installed); the paths' results must agree first.
 
 The BLAS thread count is whatever NumPy's BLAS uses (OpenBLAS: one thread per
 CPU unless OPENBLAS_NUM_THREADS is set before Python starts); it is printed.
@@ -454,6 +460,134 @@ def print_breakdown(result, gemm_seconds):
 
 
 # ----------------------------------------------------------------------------
+# 5. attention alone (--attention): albor's reference code, its kernels.cu, PyTorch's SDPA
+
+ATTENTION_TOLERANCE = 1e-4  # the paths' out, dq, dk, dv must agree this closely (relative to
+                            # the reference's largest value)
+GPU_BATCH_SIZES, GPU_SEQ_LENS = [4, 8, 16, 32], [128, 256, 512, 1024, 2048]
+CPU_BATCH_SIZES, CPU_SEQ_LENS = [4], [128, 256, 512]  # NumPy is slow: a smaller default sweep
+
+
+def albor_attention(use_kernels):
+    """run(q, k, v, dout) -> (out, dq, dk, dv) through albor.attention_forward / _backward,
+    with albor.USE_KERNELS (read at call time) set to use_kernels."""
+    def run(q, k, v, dout):
+        albor.USE_KERNELS = use_kernels
+        out, lse = albor.attention_forward(q, k, v)
+        dq, dk, dv = albor.attention_backward(dout, q, k, v, out, lse)
+        return out, dq, dk, dv
+    return run
+
+
+def torch_attention(torch, device):
+    """(prepare, run, sync) for PyTorch: prepare(q, k, v, dout) copies the host arrays to
+    `device`; run does SDPA forward (causal, GQA) and its backward with torch.autograd.grad."""
+    def prepare(*host):
+        return [torch.tensor(a, device=device, requires_grad=i < 3) for i, a in enumerate(host)]
+
+    def run(q, k, v, dout):
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        dq, dk, dv = torch.autograd.grad(out, (q, k, v), dout)
+        return out, dq, dk, dv
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    return prepare, run, sync
+
+
+def attention_paths():
+    """[(name, prepare, run, sync)]: prepare(q, k, v, dout) turns host arrays into the path's
+    arrays, run(*prepared) returns (out, dq, dk, dv), sync waits for the path's device.
+    The kernels.cu path only on the CuPy backend; PyTorch only if it is installed."""
+    to_albor = lambda *host: [albor.xp.asarray(a) for a in host]  # noqa: E731
+    paths = [("reference", to_albor, albor_attention(False), synchronize)]
+    if albor.BACKEND == "cupy":
+        paths.append(("kernels", to_albor, albor_attention(True), synchronize))
+    torch = import_torch()
+    device = torch_device(torch) if torch else None
+    if torch is None:
+        print("  PyTorch: not installed, so only albor is timed")
+    elif device is None:
+        print("  PyTorch: installed but cannot use the GPU albor runs on, so only albor is timed")
+    else:
+        if device == "cpu":
+            torch.set_num_threads(cpu_count())  # as many threads as OpenBLAS uses by default
+        paths.append(("PyTorch", *torch_attention(torch, device)))
+        print(f"  PyTorch {torch.__version__} scaled_dot_product_attention(is_causal=True, "
+              f"enable_gqa=True) on {device} ({torch.get_num_threads()} threads)")
+    return paths
+
+
+def to_host(a):
+    """A NumPy copy of an albor array or a torch tensor."""
+    return a.detach().cpu().numpy() if hasattr(a, "detach") else albor.to_numpy(a)
+
+
+def check_attention_agreement(paths, inputs, B, T):
+    """Run every path once on the same inputs; print each one's largest |difference| from the
+    reference over out, dq, dk, dv; stop the run if one is off (the timings would not compare
+    the same computation)."""
+    results = [[to_host(a) for a in run(*args)] for (_, _, run, _), args in zip(paths, inputs)]
+    reference = results[0]
+    scale = max(1.0, max(float(np.abs(a).max()) for a in reference))
+    differences = []
+    for (name, _, _, _), result in zip(paths[1:], results[1:]):
+        difference = max(float(np.abs(a - b).max()) for a, b in zip(result, reference))
+        differences.append(f"{name} {difference:.2e}")
+        if difference > ATTENTION_TOLERANCE * scale:
+            raise SystemExit(f"error: attention: {name} and the reference differ by {difference:.2e} "
+                             f"at B={B}, T={T}; the timings would not compare the same computation")
+    if differences:
+        print(f"  agreement at B={B}, T={T}, max |difference| from the reference over out, dq, dk, dv: "
+              f"{', '.join(differences)} (tolerance {ATTENTION_TOLERANCE:g} x {scale:.2f}): ok")
+
+
+def attention_benchmark(config, batch_sizes, seq_lens, repeats):
+    """Time causal GQA attention forward + backward per path at every (B, T): median ms of
+    `repeats` runs after one warmup run, the paths taking turns; print a table with ratios."""
+    H, KVH, D = config.num_attention_heads, config.num_key_value_heads, config.head_dim
+    print(f"Attention forward + backward, causal, H={H} query heads, KVH={KVH} KV heads, D={D}, "
+          f"float32, backend {albor.BACKEND}; median of {repeats} after 1 warmup, the paths taking turns")
+    paths = attention_paths()
+    names = [name for name, _, _, _ in paths]
+    ratios = [(a, "PyTorch") for a in names if a != "PyTorch" and "PyTorch" in names]
+    ratios += [("reference", "kernels")] if "kernels" in names else []
+    rng = np.random.default_rng(0)
+
+    def make_inputs(B, T):  # each path's copy of the same random q, k, v, dout
+        host = [rng.standard_normal(shape, dtype=np.float32)
+                for shape in [(B, H, T, D), (B, KVH, T, D), (B, KVH, T, D), (B, H, T, D)]]
+        return [prepare(*host) for _, prepare, _, _ in paths]
+
+    saved = albor.USE_KERNELS
+    try:
+        B, T = batch_sizes[0], seq_lens[0]
+        check_attention_agreement(paths, make_inputs(B, T), B, T)
+        print(f"  {'B':>4} {'T':>6}" + "".join(f"{name + ' ms':>14}" for name in names)
+              + "".join(f"{a + '/' + b:>20}" for a, b in ratios))
+        for B, T in [(B, T) for B in batch_sizes for T in seq_lens]:
+            inputs = make_inputs(B, T)
+            for (_, _, run, sync), args in zip(paths, inputs):  # warmup
+                run(*args)
+                sync()
+            seconds = {name: [] for name in names}
+            for _ in range(repeats):
+                for (name, _, run, sync), args in zip(paths, inputs):
+                    sync()
+                    start = time.perf_counter()
+                    run(*args)
+                    sync()
+                    seconds[name].append(time.perf_counter() - start)
+                    if albor.BACKEND == "numpy":
+                        time.sleep(PAUSE_S)  # let the last library's spinning threads go idle
+            ms = {name: median_ms(seconds[name]) for name in names}
+            print(f"  {B:>4} {T:>6}" + "".join(f"{ms[name]:>14.2f}" for name in names)
+                  + "".join(f"{ms[a] / ms[b]:>20.2f}" for a, b in ratios))
+            del inputs
+    finally:
+        albor.USE_KERNELS = saved
+    return 0
+
+
+# ----------------------------------------------------------------------------
 # report
 
 def blas_description():
@@ -505,12 +639,35 @@ def parse_args(argv):
                     "machine's own GEMM rate, and against PyTorch if it is installed.")
     parser.add_argument("--config", default="albor-base-50m", choices=list(albor.PRESETS),
                         help="model preset (default albor-base-50m)")
-    parser.add_argument("--batch-size", type=int, default=4, help="sequences per micro-batch (default 4)")
-    parser.add_argument("--seq-len", type=int, default=128, help="tokens per sequence (default 128)")
+    parser.add_argument("--batch-size", type=int, help="sequences per micro-batch (default 4)")
+    parser.add_argument("--seq-len", type=int, help="tokens per sequence (default 128)")
     parser.add_argument("--repeats", type=int, default=7,
-                        help="timed steps after the warmup step; medians are reported (default 7)")
+                        help="timed steps (or attention runs) after the warmup; medians are reported "
+                             "(default 7)")
+    parser.add_argument("--attention", action="store_true",
+                        help="time only attention forward + backward (the preset's heads): albor's "
+                             "reference code, its kernels.cu (GPU only) and PyTorch's SDPA")
+    parser.add_argument("--batch-sizes", type=int, nargs="+",
+                        help=f"with --attention: batch sizes to sweep (default {GPU_BATCH_SIZES} on a "
+                             f"GPU, {CPU_BATCH_SIZES} on a CPU)")
+    parser.add_argument("--seq-lens", type=int, nargs="+",
+                        help=f"with --attention: sequence lengths to sweep (default {GPU_SEQ_LENS} on "
+                             f"a GPU, {CPU_SEQ_LENS} on a CPU)")
     args = parser.parse_args(argv)
     config = albor.get_config(args.config)
+    if args.attention:
+        if args.batch_size is not None or args.seq_len is not None:
+            parser.error("--attention sweeps --batch-sizes and --seq-lens, not --batch-size / --seq-len")
+        on_gpu = albor.BACKEND == "cupy"
+        args.batch_sizes = args.batch_sizes or (GPU_BATCH_SIZES if on_gpu else CPU_BATCH_SIZES)
+        args.seq_lens = args.seq_lens or (GPU_SEQ_LENS if on_gpu else CPU_SEQ_LENS)
+        if min(args.batch_sizes + args.seq_lens + [args.repeats]) < 1:
+            parser.error("--batch-sizes, --seq-lens and --repeats must be at least 1")
+        return args, config
+    if args.batch_sizes is not None or args.seq_lens is not None:
+        parser.error("--batch-sizes and --seq-lens only apply with --attention")
+    args.batch_size = 4 if args.batch_size is None else args.batch_size
+    args.seq_len = 128 if args.seq_len is None else args.seq_len
     if args.batch_size < 1 or args.seq_len < 1 or args.repeats < 1:
         parser.error("--batch-size, --seq-len and --repeats must be at least 1")
     if args.seq_len > config.max_position_embeddings:
@@ -521,6 +678,8 @@ def parse_args(argv):
 
 def main(argv=None):
     args, config = parse_args(argv)
+    if args.attention:
+        return attention_benchmark(config, args.batch_sizes, args.seq_lens, args.repeats)
     B, T = args.batch_size, args.seq_len
     tokens = B * T
 

@@ -8,6 +8,7 @@ import sys
 
 import pytest
 
+import albor
 import bench
 
 
@@ -67,8 +68,56 @@ def test_bench_tiny_without_pytorch(capsys, monkeypatch):
     (["--seq-len", "257", "--config", "tiny"], "longer than tiny's max_position_embeddings 256"),
     (["--batch-size", "0"], "must be at least 1"),
     (["--config", "nope"], "invalid choice"),
+    (["--attention", "--seq-len", "64"], "--attention sweeps --batch-sizes and --seq-lens"),
+    (["--seq-lens", "64"], "only apply with --attention"),
+    (["--attention", "--batch-sizes", "0"], "must be at least 1"),
 ])
 def test_bench_rejects_bad_settings(argv, message, capsys):
     with pytest.raises(SystemExit):
         bench.main(argv)
     assert message in capsys.readouterr().err
+
+
+def attention_rows(out):
+    """{(B, T): [ms or ratio, ...]} from --attention's table."""
+    return {(int(b), int(t)): [float(x) for x in rest.split()]
+            for b, t, rest in re.findall(r"\n +(\d+) +(\d+)((?: +\d+\.\d+)+)(?=\n|$)", out)}
+
+
+def test_bench_attention_with_pytorch(capsys):
+    import torch  # noqa: F401  (a dev requirement: the test fails loudly if it is missing)
+    out = run_bench(["--attention", "--batch-sizes", "1", "2", "--seq-lens", "16", "33", "--repeats", "1"], capsys)
+    assert "H=8 query heads, KVH=2 KV heads, D=64" in out  # albor-base-50m's heads
+    assert "median of 1 after 1 warmup" in out
+    assert "scaled_dot_product_attention(is_causal=True, enable_gqa=True) on cpu" in out
+    # the first shape's agreement check ran and passed (a failure stops the run)
+    difference = re.search(r"agreement at B=1, T=16, .*: PyTorch (\S+) \(tolerance", out)
+    assert difference and float(difference.group(1)) <= 1e-4, out
+    assert re.search(r"B +T +reference ms +PyTorch ms +reference/PyTorch\n", out)
+    rows = attention_rows(out)
+    assert sorted(rows) == [(1, 16), (1, 33), (2, 16), (2, 33)]
+    for reference_ms, torch_ms, ratio in rows.values():
+        assert reference_ms > 0 and torch_ms > 0 and ratio > 0  # (printed rounded: not re-derived)
+
+
+def test_bench_attention_without_pytorch(capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "torch", None)  # `import torch` now raises ImportError
+    out = run_bench(["--attention", "--config", "tiny", "--seq-lens", "8", "--repeats", "2"], capsys)
+    assert "H=4 query heads, KVH=2 KV heads, D=16" in out  # tiny's heads: --config applies
+    assert "median of 2 after 1 warmup" in out
+    assert "PyTorch: not installed" in out and "agreement" not in out
+    rows = attention_rows(out)
+    assert list(rows) == [(4, 8)]  # the CPU's default batch size, 4
+    assert len(rows[(4, 8)]) == 1 and rows[(4, 8)][0] > 0
+
+
+def test_bench_attention_rejects_a_disagreeing_path(capsys, monkeypatch):
+    import torch  # noqa: F401
+    right = albor.attention_forward
+
+    def off_by_one(q, k, v):
+        out, lse = right(q, k, v)
+        return out + 1.0, lse
+    monkeypatch.setattr(albor, "attention_forward", off_by_one)
+    with pytest.raises(SystemExit, match="PyTorch and the reference differ by"):
+        bench.main(["--attention", "--batch-sizes", "1", "--seq-lens", "16", "--repeats", "1"])
