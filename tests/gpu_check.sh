@@ -14,7 +14,10 @@
 #      reference path) for comparison;
 #   4. `python bench.py --batch-size 32 --seq-len 512`: albor-base-50m against PyTorch eager
 #      on the same GPU (bench.py puts its PyTorch twin on the GPU albor runs on);
-#   5. the whole test suite, on the GPU, with what time is left.
+#   5. `python bench.py --attention --repeats 5`: causal GQA attention forward + backward
+#      (albor-base-50m's heads) at B=4..32, T=128..2048 through the CuPy reference code,
+#      kernels.cu and PyTorch's SDPA on the same GPU, after checking that the three agree;
+#   6. the whole test suite, on the GPU, with what time is left.
 # Logs and a summary (summary.txt: every step's status and seconds, the runs' figures against
 # the targets) go to $OUT/gpu_check when OUT is set, else runs/gpu_check.
 #
@@ -142,7 +145,12 @@ step bench 300 python3 bench.py --batch-size 32 --seq-len 512
     | sed 's/^/      | /' >> "$SUMMARY"
 note "      target: albor's step time within 1.5x of PyTorch eager's"
 
-# 5. the whole suite on the GPU
+# 5. attention alone: reference code, kernels.cu and PyTorch's SDPA over B x T
+step attention 150 python3 bench.py --attention --repeats 5
+[ -f "$LOG/attention.log" ] && grep -E "PyTorch|agreement|^ +[0-9B]+ +[0-9T]+ " "$LOG/attention.log" \
+    | head -n 30 | sed 's/^/      | /' >> "$SUMMARY"
+
+# 6. the whole suite on the GPU
 step full_suite 480 python3 -m pytest -q -p no:cacheprovider
 
 note "done in $(( $(date +%s) - START )) s"
