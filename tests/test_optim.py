@@ -134,7 +134,7 @@ def test_adamw_state_is_float32_keyed_by_parameter_name():
 
 
 def test_adamw_matches_torch():
-    torch = pytest.importorskip("torch")   # an oracle only; installed by requirements-dev.txt
+    import torch   # an oracle only (requirements-dev.txt): the test fails loudly if it is missing
     rng = np.random.default_rng(0)
     start = {"w": rng.standard_normal((8, 5)).astype(np.float32), "n": rng.standard_normal(5).astype(np.float32)}
     grads = [{k: rng.standard_normal(v.shape).astype(np.float32) for k, v in start.items()} for _ in range(5)]
