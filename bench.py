@@ -9,10 +9,14 @@ What it measures, in order:
 1. The machine's float32 GEMM rate, with albor's own array library (NumPy on a CPU,
    CuPy on a GPU), on exactly the matrix products one training step of the model
    does (the same shapes and the same transposed views of the (out, in) weights).
-   This rate is what MFU is measured against, so MFU says how close albor gets to
+   MFU is measured against these products too, so it says how close albor gets to
    "nothing but matmuls at this machine's speed".
 2. albor's forward, backward and optimizer step on one micro-batch of random
-   tokens: several repeats after a warmup step, medians reported.
+   tokens: several repeats after a warmup step, medians reported. Each repeat first
+   runs one step's matmuls alone (into ready buffers): the GEMM-bound floor, timed in
+   the same loop, so the noise of a shared machine hits both. MFU = floor / time, for
+   the "in training" time: forward + backward + optimizer / --grad-accum (default 4,
+   as train.py), what each micro-batch of a train.py step costs.
 3. If PyTorch is importable: an equivalent eager PyTorch LLaMA (same shapes, tied
    embeddings, RMSNorm, rotate-half RoPE, GQA through SDPA, SwiGLU) loaded with
    albor's parameters. Its loss must match albor's; then albor and PyTorch steps
@@ -48,6 +52,7 @@ PAUSE_S = 0.2          # pause between albor and PyTorch so each one's idle BLAS
 LOSS_TOLERANCE = 1e-4  # albor's and PyTorch's losses must agree this closely (relative)
 LR = 6e-4              # train.py's default peak learning rate (the timings do not depend on it)
 GRAD_CLIP = 1.0        # train.py's default global gradient-norm clip
+GRAD_ACCUM = 4         # train.py's default micro-batches per optimizer step
 TARGET_MFU = 0.80      # the speed targets albor aims at on a CPU: at least 80% of the
 TARGET_RATIO = 0.9     # GEMM-bound floor, and at most 0.9x PyTorch's step time
 
@@ -144,13 +149,13 @@ def time_gemm(xp, a, b, out):
 def measure_gemm_rate(config, tokens):
     """Time every distinct product of one training step; print a table; return
     (GFLOP per step in matmuls, seconds per step those matmuls take at the measured
-    rates). Their ratio is the rate MFU is measured against."""
+    rates, a function that runs one step's matmuls alone and returns its seconds)."""
     xp = albor.xp
     rng = np.random.default_rng(0)
     print(f"GEMM rate: float32 {albor.BACKEND} matmul on this model's products "
           f"(best of {GEMM_REPEATS}, after 1 warmup)")
     print(f"  {'product':<30} {'shape (M,K) @ (K,N)':>26} {'x/step':>7} {'ms':>8} {'GFLOP/s':>8}")
-    total_flop, total_seconds = 0.0, 0.0
+    total_flop, total_seconds, products = 0.0, 0.0, []
     for label, M, K, N, count in model_gemms(config, tokens):
         a, b = gemm_operands(xp, label, M, K, N, rng)
         out = xp.empty((M, N), dtype=xp.float32)
@@ -160,11 +165,20 @@ def measure_gemm_rate(config, tokens):
         print(f"  {label:<30} {shape:>26} {count:>7} {1000 * seconds:>8.2f} {flop / seconds / 1e9:>8.1f}")
         total_flop += count * flop
         total_seconds += count * seconds
-        del a, b, out
+        products.append((a, b, out, count))
     print(f"  the model's GEMM mix: {total_flop / 1e9:.3g} GFLOP per step in "
-          f"{1000 * total_seconds:.2f} ms = {total_flop / total_seconds / 1e9:.1f} GFLOP/s "
-          f"(MFU below is measured against this rate)")
-    return total_flop, total_seconds
+          f"{1000 * total_seconds:.2f} ms = {total_flop / total_seconds / 1e9:.1f} GFLOP/s")
+
+    def matmuls_alone():
+        """One step's matmuls and nothing else (each product `count` times, into a ready
+        output buffer): the GEMM-bound floor, timed in the same loop as the steps."""
+        start = time.perf_counter()
+        for a, b, out, count in products:
+            for _ in range(count):
+                xp.matmul(a, b, out=out)
+        synchronize()
+        return time.perf_counter() - start
+    return total_flop, total_seconds, matmuls_alone
 
 
 def training_flop(config, batch_size, seq_len):
@@ -606,30 +620,43 @@ def blas_description():
             for info in threadpool_info()]
 
 
-def print_step_table(albor_times, torch_times, tokens, step_flop, gemm_rate):
-    """Medians of each phase for albor (and PyTorch), tokens/s, MFU, and the ratio."""
+def print_step_table(albor_times, torch_times, tokens, floor_seconds, grad_accum):
+    """Medians of each phase for albor (and PyTorch), tokens/s, MFU, and the ratio.
+
+    "step" is one micro-batch followed by an optimizer step. A train.py run with
+    --grad-accum N steps the optimizer once per N micro-batches, so what each micro-batch
+    costs there is forward + backward + optimizer / N: the "in training" row, on which
+    tokens/s, MFU and the targets are reported.
+    """
     columns = [("albor", albor_times)] + ([("PyTorch", torch_times)] if torch_times else [])
+    for _, times in columns:
+        times["in training"] = [f + b + o / grad_accum for f, b, o in
+                                zip(times["forward"], times["backward"], times["optimizer"])]
     header = "".join(f"{name:>14}" for name, _ in columns) + (f"{'albor/PyTorch':>15}" if torch_times else "")
     print(f"  {'':<22}{header}")
-    for phase in ["forward", "backward", "optimizer", "step"]:
+    for phase in ["forward", "backward", "optimizer", "step", "in training"]:
         cells = [median_ms(times[phase]) for _, times in columns]
         row = "".join(f"{ms:>11.1f} ms" for ms in cells)
         if torch_times and cells[1] > 0:
             row += f"{cells[0] / cells[1]:>15.2f}"
         print(f"  {phase:<22}{row}")
-    steps = [statistics.median(times["step"]) for _, times in columns]
-    print(f"  {'tokens/s':<22}" + "".join(f"{tokens / s:>14.0f}" for s in steps))
-    mfus = [step_flop / s / gemm_rate for s in steps]
-    print(f"  {'MFU':<22}" + "".join(f"{100 * mfu:>13.1f}%" for mfu in mfus))
-    print("  MFU = training FLOPs per step / step time / the GEMM mix rate measured above")
+    print(f"  (in training = forward + backward + optimizer / {grad_accum}: a micro-batch's share of a "
+          f"train.py step with --grad-accum {grad_accum})")
+    for phase in ["step", "in training"]:
+        seconds = [statistics.median(times[phase]) for _, times in columns]
+        mfus = [floor_seconds / s for s in seconds]
+        print(f"  {'tokens/s, ' + phase:<22}" + "".join(f"{tokens / s:>14.0f}" for s in seconds))
+        print(f"  {'MFU, ' + phase:<22}" + "".join(f"{100 * mfu:>13.1f}%" for mfu in mfus))
+    print("  MFU = the GEMM-bound floor / the time: training FLOPs at the rate of the matmuls alone, "
+          "measured in the same loop")
     verdict = lambda met: "met" if met else "NOT met"  # noqa: E731
-    targets = [f"albor MFU >= {100 * TARGET_MFU:.0f}% ({verdict(mfus[0] >= TARGET_MFU)})"]
+    targets = [f"albor MFU >= {100 * TARGET_MFU:.0f}% ({100 * mfus[0]:.1f}%: {verdict(mfus[0] >= TARGET_MFU)})"]
     if torch_times:
-        ratio = steps[0] / steps[1]
-        targets.append(f"albor/PyTorch step <= {TARGET_RATIO} ({ratio:.3f}: {verdict(ratio <= TARGET_RATIO)})")
-    print("  targets: " + "; ".join(targets))
+        ratio = seconds[0] / seconds[1]
+        targets.append(f"albor/PyTorch <= {TARGET_RATIO} ({ratio:.3f}: {verdict(ratio <= TARGET_RATIO)})")
+    print("  targets, in training: " + "; ".join(targets))
     if max(mfus) > 1.0:
-        print("  note: MFU above 100% means the GEMM rate was measured while the machine was busier "
+        print("  note: MFU above 100% means the matmuls alone ran while the machine was busier "
               "than during the steps (a shared machine); run again")
 
 
@@ -641,6 +668,9 @@ def parse_args(argv):
                         help="model preset (default albor-base-50m)")
     parser.add_argument("--batch-size", type=int, help="sequences per micro-batch (default 4)")
     parser.add_argument("--seq-len", type=int, help="tokens per sequence (default 128)")
+    parser.add_argument("--grad-accum", type=int, default=GRAD_ACCUM,
+                        help="micro-batches per optimizer step, as in train.py: the optimizer's time "
+                             f"is shared over them in the 'in training' figures (default {GRAD_ACCUM})")
     parser.add_argument("--repeats", type=int, default=7,
                         help="timed steps (or attention runs) after the warmup; medians are reported "
                              "(default 7)")
@@ -668,8 +698,8 @@ def parse_args(argv):
         parser.error("--batch-sizes and --seq-lens only apply with --attention")
     args.batch_size = 4 if args.batch_size is None else args.batch_size
     args.seq_len = 128 if args.seq_len is None else args.seq_len
-    if args.batch_size < 1 or args.seq_len < 1 or args.repeats < 1:
-        parser.error("--batch-size, --seq-len and --repeats must be at least 1")
+    if min(args.batch_size, args.seq_len, args.repeats, args.grad_accum) < 1:
+        parser.error("--batch-size, --seq-len, --grad-accum and --repeats must be at least 1")
     if args.seq_len > config.max_position_embeddings:
         parser.error(f"--seq-len {args.seq_len} is longer than {args.config}'s "
                      f"max_position_embeddings {config.max_position_embeddings}")
@@ -682,18 +712,20 @@ def main(argv=None):
         return attention_benchmark(config, args.batch_sizes, args.seq_lens, args.repeats)
     B, T = args.batch_size, args.seq_len
     tokens = B * T
+    kept = albor.keep_freed_memory()  # as train.py does (for PyTorch too: one process)
 
     print(f"albor bench: {args.config} ({albor.param_count(config):,} parameters), "
           f"micro-batch {B} x {T} = {tokens} tokens, backend {albor.BACKEND}, {cpu_count()} CPUs")
     for line in blas_description():
         print(f"  {line}")
+    print(f"  freed memory kept for reuse (albor.keep_freed_memory): {'yes' if kept else 'no (not glibc)'}")
     print()
 
-    gemm_flop, gemm_seconds = measure_gemm_rate(config, tokens)
+    gemm_flop, gemm_seconds, matmuls_alone = measure_gemm_rate(config, tokens)
     gemm_rate = gemm_flop / gemm_seconds
     step_flop = training_flop(config, B, T)
     print("Training FLOPs per step = 6 * params * tokens + 12 * layers * heads * head_dim * T * tokens")
-    print(f"  = {step_flop / 1e9:.3g} GFLOP; GEMM-bound floor at the measured rate: "
+    print(f"  = {step_flop / 1e9:.3g} GFLOP; GEMM-bound floor at the rates above: "
           f"{1000 * step_flop / gemm_rate:.1f} ms per step")
     print()
 
@@ -711,9 +743,13 @@ def main(argv=None):
 
     albor_times = {phase: [] for phase in ["forward", "backward", "optimizer", "step"]}
     torch_times = {phase: [] for phase in albor_times} if twin else None
-    order = "alternating albor and PyTorch" if twin else "albor only"
-    print(f"Training step: median of {args.repeats} after {WARMUP_STEPS} warmup, {order}")
+    alone_times = []
+    order = "the matmuls alone, albor" + (" and PyTorch" if twin else "") + ", in turn"
+    print(f"Training step: median of {args.repeats} after {WARMUP_STEPS} warmup; each repeat runs {order}")
     for repeat in range(WARMUP_STEPS + args.repeats):
+        seconds = matmuls_alone()
+        if repeat >= WARMUP_STEPS:
+            alone_times.append(seconds)
         phases = albor_step(params, config, idx, targets, optimizer_step)
         if repeat >= WARMUP_STEPS:
             for phase, seconds in phases.items():
@@ -726,7 +762,11 @@ def main(argv=None):
                 for phase, seconds in phases.items():
                     torch_times[phase].append(seconds)
             time.sleep(PAUSE_S)
-    print_step_table(albor_times, torch_times, tokens, step_flop, gemm_rate)
+    floor = step_flop / gemm_flop * statistics.median(alone_times)  # attention's few FLOPs at the same rate
+    print(f"  the step's matmuls alone: {median_ms(alone_times):.1f} ms = "
+          f"{gemm_flop / statistics.median(alone_times) / 1e9:.1f} GFLOP/s; the GEMM-bound floor of a "
+          f"micro-batch at that rate: {1000 * floor:.1f} ms")
+    print_step_table(albor_times, torch_times, tokens, floor, args.grad_accum)
     if twin:
         # both took the same updates from the same start: the whole step (optimizer too) agrees
         albor_loss, _ = albor.forward(params, config, idx, targets)

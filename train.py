@@ -615,6 +615,7 @@ def main(argv=None):
 def run(argv):
     wall_start = time.perf_counter()
     args, given = parse_settings(argv)
+    albor.keep_freed_memory()  # the CPU step's temporaries are reused, not page-faulted in anew
     state = None
 
     # --- model shape and starting weights --------------------------------------------------

@@ -550,6 +550,39 @@ def test_forcing_cuda_without_a_gpu_is_a_clear_error():
     assert "RuntimeError: ALBOR_DEVICE=cuda, but no usable GPU" in result.stderr
 
 
+FAULTS_OF_REALLOCATION = """
+import platform, resource, sys
+import numpy as np
+import albor
+if sys.argv[1] == "keep":
+    assert albor.keep_freed_memory() == (platform.libc_ver()[0] == "glibc")
+def allocate():  # 64 MiB in 16 blocks of 4 MiB, each touched (like a step's temporaries)
+    return [np.ones(1 << 20, dtype=np.float32) for _ in range(16)]
+blocks = allocate()
+del blocks
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+blocks = allocate()
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+def test_keep_freed_memory_stops_the_page_faults_of_reallocation():
+    """Without it, glibc unmaps freed 4 MiB blocks and the next allocation faults their pages
+    back in (here about 8,000 faults for 64 MiB); with it, the blocks are reused (0 faults)."""
+    import platform
+    faults = {}
+    for mode in ("default", "keep"):
+        result = subprocess.run([sys.executable, "-c", FAULTS_OF_REALLOCATION, mode], capture_output=True,
+                                text=True, cwd=ROOT, env={**os.environ, "ALBOR_DEVICE": "cpu"})
+        assert result.returncode == 0, result.stderr
+        faults[mode] = int(result.stdout)
+    if platform.libc_ver()[0] == "glibc":
+        # (fewer faults than pages where the kernel maps huge pages; at least one a block)
+        assert faults["default"] >= 16 and faults["keep"] <= faults["default"] // 10, faults
+    else:
+        assert albor.keep_freed_memory() is False
+
+
 def test_bad_device_name_is_a_clear_error():
     result = run_python("import albor", "tpu")
     assert result.returncode != 0
