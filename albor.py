@@ -236,7 +236,9 @@ def rmsnorm_forward(x, weight, eps):
     """
     if _use_kernels(x, weight):
         return launch_rmsnorm_forward(kernel_module(), xp, x, weight, eps)
-    rstd = 1.0 / xp.sqrt(xp.mean(x * x, axis=-1, keepdims=True) + eps)  # (..., 1)
+    C = x.shape[-1]
+    mean_square = xp.einsum("...c,...c->...", x, x)[..., None] / C  # (..., 1) one pass, no x*x
+    rstd = 1.0 / xp.sqrt(mean_square + eps)  # (..., 1)
     out = x * rstd  # (..., C) the normalized x, "xhat"
     out *= weight
     return out, rstd
@@ -248,11 +250,16 @@ def rmsnorm_backward(dout, x, weight, rstd):
         return launch_rmsnorm_backward(kernel_module(), xp, dout, x, weight, rstd)
     C = x.shape[-1]
     xhat = x * rstd  # (..., C)
-    dweight = (dout * xhat).reshape(-1, C).sum(axis=0)  # (C,)
+    # out = xhat * weight, summed over every row for dweight (einsum: products and sums in one pass)
+    dweight = xp.einsum("nc,nc->c", dout.reshape(-1, C), xhat.reshape(-1, C))  # (C,)
     dxhat = dout * weight  # (..., C)
     # xhat_i = x_i * rstd with rstd = (mean_j x_j**2 + eps) ** -0.5, so
-    # d xhat_i / d x_j = rstd * (delta_ij - xhat_i * xhat_j / C)
-    dx = dxhat - xhat * xp.mean(dxhat * xhat, axis=-1, keepdims=True)
+    # d xhat_i / d x_j = rstd * (delta_ij - xhat_i * xhat_j / C), and
+    # dx = rstd * (dxhat - xhat * mean_j(dxhat_j * xhat_j)), computed in dxhat's buffer
+    row_mean = xp.einsum("...c,...c->...", dxhat, xhat)[..., None] / C  # (..., 1)
+    xhat *= row_mean
+    dx = dxhat
+    dx -= xhat
     dx *= rstd
     return dx, dweight
 

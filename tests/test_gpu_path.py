@@ -140,26 +140,27 @@ def test_logits_through_the_kernels(kernels_on, monkeypatch):
 
 
 def test_training_steps_with_the_fused_adamw(kernels_on, monkeypatch):
-    """Three optimizer steps (forward, backward, clip, AdamW) on the kernel path, adamw_update
-    included, land where the reference path does. Looser (1e-4): AdamW divides by sqrt(v),
-    which magnifies the gradients' last-bit differences where v is tiny."""
+    """Three optimizer steps on the kernel path (forward, backward, clip, then the fused
+    adamw_update) move the parameters where albor's reference AdamW moves them from the same
+    gradients. (Two whole runs are not compared: AdamW's first steps are about lr * sign(g),
+    and where a gradient is about 0 its sign is rounding noise, so an lr-sized difference
+    would be no bug. The kernel path's gradients are checked against the reference elsewhere.)"""
     config = albor.get_config("tiny")
-
-    def train(steps=3):
-        params = albor.init_params(config, seed=8)
-        optimizer = albor.AdamW(params)
-        for step in range(steps):
-            idx, targets = batch(config, seed=10 + step)
-            _, grads = loss_and_grads(params, config, idx, targets)
-            albor.clip_grad_norm(grads, 1.0)
-            optimizer.step(params, grads, lr=1e-3)
-        return params
-    params_k = train()
+    params_k = albor.init_params(config, seed=8)
+    params_r = {name: p.copy() for name, p in params_k.items()}
+    optimizer_k, optimizer_r = albor.AdamW(params_k), albor.AdamW(params_r)
+    for step in range(3):
+        set_kernels(monkeypatch, True)
+        idx, targets = batch(config, seed=10 + step)
+        _, grads = loss_and_grads(params_k, config, idx, targets)
+        albor.clip_grad_norm(grads, 1.0)
+        grads_r = {name: g.copy() for name, g in grads.items()}
+        optimizer_k.step(params_k, grads, lr=1e-3)
+        set_kernels(monkeypatch, False)
+        optimizer_r.step(params_r, grads_r, lr=1e-3)
+        for name in params_r:
+            close(params_k[name], params_r[name], 1e-6, f"step {step + 1}: {name}")
     assert "adamw_update" in kernels_on.launched
-    set_kernels(monkeypatch, False)
-    params_r = train()
-    for name in params_r:
-        close(params_k[name], params_r[name], 1e-4, name)
 
 
 def test_the_kernel_path_gives_the_same_bits_under_every_thread_order(kernels_on, emulator):
