@@ -221,7 +221,7 @@ def test_clipping_scales_down_to_the_limit_and_returns_the_pre_clip_norm():
     before = {k: albor.to_numpy(v).copy() for k, v in grads.items()}
     expected = float64_norm(grads)
     norm = clip_grad_norm(grads, 1.0)
-    assert norm == pytest.approx(expected, rel=1e-7)   # squares in float32, their sum in float64
+    assert norm == pytest.approx(expected, rel=1e-6)   # float32 dots of blocks, summed in float64
     assert float64_norm(grads) <= 1.0
     assert float64_norm(grads) == pytest.approx(1.0, rel=1e-5)
     for k in grads:   # same direction: every entry scaled by the same factor
