@@ -4,6 +4,7 @@
     python bench.py --config tiny --repeats 1         # a quick smoke run
     python bench.py --attention                       # attention alone, over a sweep of B and T
     python bench.py --attention --batch-sizes 4 8 --seq-lens 512 1024
+    python bench.py --train-steps 31                  # the training of `train.py --rows 500`
 
 What it measures, in order:
 1. The machine's float32 GEMM rate, with albor's own array library (NumPy on a CPU,
@@ -26,7 +27,10 @@ What it measures, in order:
    module-level layer functions (attention_forward, rmsnorm_backward, ...) is
    temporarily replaced by a timed wrapper. Whatever forward+backward time is not
    inside a wrapped layer function is the matmuls (plus residual adds and reshapes).
-With --attention, only this instead: causal GQA attention forward + backward with the
+With --train-steps N, only a whole run instead: N optimizer steps of --grad-accum
+micro-batches, albor through train.py's own train_step and PyTorch with the same
+settings and learning-rate schedule, taking turns step by step; total seconds and
+the ratio. With --attention, only this instead: causal GQA attention forward + backward with the
 preset's heads, over batch sizes x sequence lengths, through albor's reference code
 (albor.USE_KERNELS = False), its kernels.cu (on a GPU) and PyTorch's
 scaled_dot_product_attention (if installed); the paths' results must agree first.
@@ -35,6 +39,7 @@ The BLAS thread count is whatever NumPy's BLAS uses (OpenBLAS: one thread per
 CPU unless OPENBLAS_NUM_THREADS is set before Python starts); it is printed.
 """
 import argparse
+import collections
 import functools
 import os
 import statistics
@@ -42,6 +47,7 @@ import threading
 import time
 
 import numpy as np
+from tqdm import tqdm
 
 import albor
 
@@ -303,7 +309,9 @@ def make_torch_optimizer(torch, weights, adamw):
                                      {"params": not_decayed, "weight_decay": 0.0}],
                                     lr=LR, betas=(adamw.beta1, adamw.beta2), eps=adamw.eps)
 
-    def optimizer_step():
+    def optimizer_step(lr=LR):
+        for group in torch_adamw.param_groups:
+            group["lr"] = lr
         torch.nn.utils.clip_grad_norm_(list(weights.values()), GRAD_CLIP)
         torch_adamw.step()
     return optimizer_step
@@ -602,6 +610,86 @@ def attention_benchmark(config, batch_sizes, seq_lens, repeats):
 
 
 # ----------------------------------------------------------------------------
+# 6. a whole run (--train-steps): optimizer steps as train.py takes them
+
+def torch_train_step(torch, weights, optimizer_step, config, inputs, targets, lr):
+    """PyTorch's side of one train.py step: each micro-batch's loss / len(inputs) back-
+    propagated (gradients accumulate in .grad), then clip + AdamW at lr, then .grad = None.
+    Returns the mean loss."""
+    total = 0.0
+    for idx, tgt in zip(inputs, targets):
+        loss = torch_loss(torch, weights, config, idx, tgt) / len(inputs)
+        loss.backward()
+        total += loss.item()
+    optimizer_step(lr)
+    for weight in weights.values():
+        weight.grad = None
+    return total
+
+
+def whole_run_benchmark(config, B, T, grad_accum, steps):
+    """`steps` optimizer steps of grad_accum micro-batches (B, T) of random tokens, albor
+    through train.py's own train_step, PyTorch through torch_train_step, taking turns step
+    by step, and before each step the step's matmuls alone (grad_accum times the matmuls of
+    a micro-batch: the GEMM-bound floor, for the whole run's MFU). With the defaults,
+    --train-steps 31 is the training part of `python train.py --rows 500`
+    (31 steps x 4 micro-batches x 4 x 128 tokens)."""
+    import train  # here, not at the top: bench's other modes do not need the trainer
+    tokens = steps * grad_accum * B * T
+    gemm_flop, _, matmuls_alone = measure_gemm_rate(config, B * T)
+    matmuls_alone()  # warmup
+    print()
+    print(f"Whole run: {steps} optimizer steps x {grad_accum} micro-batches of {B} x {T} tokens = "
+          f"{tokens:,} tokens; each step: the matmuls alone, albor (train.py's train_step), PyTorch, in turn")
+    rng = np.random.default_rng(0)
+    batches = [(rng.integers(0, config.vocab_size, size=(grad_accum, B, T), dtype=np.int64),
+                rng.integers(0, config.vocab_size, size=(grad_accum, B, T), dtype=np.int64))
+               for _ in range(steps)]
+    params = albor.init_params(config, seed=0)
+    _, adamw = make_albor_optimizer(params)
+    twin = setup_torch(params, config, batches[0][0][0], batches[0][1][0], adamw)
+    names = ["albor", "PyTorch"] if twin else ["albor"]
+    seconds = {name: 0.0 for name in names}
+    floor_seconds = 0.0
+    losses = {}
+    timing = collections.defaultdict(float)  # train_step adds its phase times here
+    bar = tqdm(batches, unit="step", desc="whole run", dynamic_ncols=True)
+    for step, (inputs, targets) in enumerate(bar, start=1):
+        lr = albor.lr_at(step, steps, LR, albor.default_warmup(steps), LR / 10)
+        floor_seconds += grad_accum * training_flop(config, B, T) / gemm_flop * matmuls_alone()
+        start = time.perf_counter()
+        losses["albor"], _, _, _ = train.train_step(params, config, adamw, list(inputs), list(targets), lr,
+                                                    GRAD_CLIP, step, timing)
+        synchronize()
+        seconds["albor"] += time.perf_counter() - start
+        if twin:
+            time.sleep(PAUSE_S)
+            torch = twin["torch"]
+            device_batch = [torch.tensor(a, device=twin["idx"].device) for a in (inputs, targets)]
+            start = time.perf_counter()
+            losses["PyTorch"] = torch_train_step(torch, twin["weights"], twin["optimizer_step"], config,
+                                                 *device_batch, lr)
+            if twin["idx"].is_cuda:
+                torch.cuda.synchronize()
+            seconds["PyTorch"] += time.perf_counter() - start
+            time.sleep(PAUSE_S)
+        bar.set_postfix({name: f"{spent:.0f}s" for name, spent in seconds.items()})
+    bar.close()
+    print(f"  {'':<8} {'seconds':>10} {'tokens/s':>9} {'MFU':>6}  loss at step {steps}")
+    for name in names:
+        print(f"  {name:<8} {seconds[name]:>10.2f} {tokens / seconds[name]:>9.0f} "
+              f"{100 * floor_seconds / seconds[name]:>5.1f}%  {losses[name]:.4f}")
+    print(f"  MFU = the matmuls alone ({floor_seconds:.2f} s for the whole run, attention's FLOPs at their "
+          f"rate) / the time")
+    if twin:
+        print(f"  albor/PyTorch {seconds['albor'] / seconds['PyTorch']:.2f}")
+    if floor_seconds > min(seconds.values()):
+        print("  note: MFU above 100%: on tiny shapes the matmuls' call overheads outweigh the rest; "
+              "on a shared machine, noise")
+    return 0
+
+
+# ----------------------------------------------------------------------------
 # report
 
 def blas_description():
@@ -674,6 +762,10 @@ def parse_args(argv):
     parser.add_argument("--repeats", type=int, default=7,
                         help="timed steps (or attention runs) after the warmup; medians are reported "
                              "(default 7)")
+    parser.add_argument("--train-steps", type=int, metavar="N",
+                        help="time only a whole run: N optimizer steps of --grad-accum micro-batches, "
+                             "albor (train.py's train_step) and PyTorch taking turns; 31 with the "
+                             "defaults is the training part of `python train.py --rows 500`")
     parser.add_argument("--attention", action="store_true",
                         help="time only attention forward + backward (the preset's heads): albor's "
                              "reference code, its kernels.cu (GPU only) and PyTorch's SDPA")
@@ -688,6 +780,8 @@ def parse_args(argv):
     if args.attention:
         if args.batch_size is not None or args.seq_len is not None:
             parser.error("--attention sweeps --batch-sizes and --seq-lens, not --batch-size / --seq-len")
+        if args.train_steps is not None:
+            parser.error("--attention and --train-steps are separate benchmarks: give one")
         on_gpu = albor.BACKEND == "cupy"
         args.batch_sizes = args.batch_sizes or (GPU_BATCH_SIZES if on_gpu else CPU_BATCH_SIZES)
         args.seq_lens = args.seq_lens or (GPU_SEQ_LENS if on_gpu else CPU_SEQ_LENS)
@@ -696,6 +790,8 @@ def parse_args(argv):
         return args, config
     if args.batch_sizes is not None or args.seq_lens is not None:
         parser.error("--batch-sizes and --seq-lens only apply with --attention")
+    if args.train_steps is not None and args.train_steps < 1:
+        parser.error("--train-steps must be at least 1")
     args.batch_size = 4 if args.batch_size is None else args.batch_size
     args.seq_len = 128 if args.seq_len is None else args.seq_len
     if min(args.batch_size, args.seq_len, args.repeats, args.grad_accum) < 1:
@@ -713,6 +809,8 @@ def main(argv=None):
     B, T = args.batch_size, args.seq_len
     tokens = B * T
     kept = albor.keep_freed_memory()  # as train.py does (for PyTorch too: one process)
+    if args.train_steps:
+        return whole_run_benchmark(config, B, T, args.grad_accum, args.train_steps)
 
     print(f"albor bench: {args.config} ({albor.param_count(config):,} parameters), "
           f"micro-batch {B} x {T} = {tokens} tokens, backend {albor.BACKEND}, {cpu_count()} CPUs")

@@ -71,6 +71,8 @@ def test_bench_tiny_without_pytorch(capsys, monkeypatch):
     (["--seq-len", "257", "--config", "tiny"], "longer than tiny's max_position_embeddings 256"),
     (["--batch-size", "0"], "must be at least 1"),
     (["--grad-accum", "0"], "must be at least 1"),
+    (["--train-steps", "0"], "--train-steps must be at least 1"),
+    (["--attention", "--train-steps", "2"], "separate benchmarks"),
     (["--config", "nope"], "invalid choice"),
     (["--attention", "--seq-len", "64"], "--attention sweeps --batch-sizes and --seq-lens"),
     (["--seq-lens", "64"], "only apply with --attention"),
@@ -139,3 +141,20 @@ def test_bench_shares_the_optimizer_over_train_pys_grad_accum(capsys):
     # medians of sums vs sums of medians: equal with one repeat (up to the printed rounding)
     expected = row["forward"] + row["backward"] + row["optimizer"] / 8
     assert abs(row["in training"] - expected) <= 0.2, (row, expected)
+
+
+def test_bench_whole_run_takes_train_pys_steps_beside_pytorch(capsys):
+    """--train-steps: both trainers take the same steps (schedule, clipping, AdamW, gradient
+    accumulation) from the same start, so they end at the same loss; each prints its time."""
+    import torch  # noqa: F401  (a dev requirement)
+    out = run_bench(["--config", "tiny", "--train-steps", "3", "--grad-accum", "2", "--batch-size", "2",
+                     "--seq-len", "16"], capsys)
+    assert "Whole run: 3 optimizer steps x 2 micro-batches of 2 x 16 tokens = 192 tokens" in out
+    assert "loss at step 3" in out
+    rows = re.findall(r"\n  (albor|PyTorch) +(\d+\.\d+) +(\d+) +(\d+\.\d)% +(\S+)", out)
+    assert [row[0] for row in rows] == ["albor", "PyTorch"], out
+    for name, seconds, tokens_per_s, mfu, loss in rows:
+        assert float(seconds) > 0 and int(tokens_per_s) > 0 and float(mfu) > 0, name
+    losses = [float(row[4]) for row in rows]
+    assert abs(losses[0] - losses[1]) <= 1e-3, losses
+    assert number_after("albor/PyTorch", out) > 0
