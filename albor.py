@@ -27,6 +27,7 @@ import functools
 import json
 import math
 import os
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -693,6 +694,120 @@ def backward(params, config, cache, loss_scale=1.0, grads=None):
 
 
 # -----------------------------------------------------------------------------
+# Data parallelism over the CPU's cores
+#
+# NumPy runs each elementwise operation (exp, the norms, the softmax, the residual adds) on one
+# core; BLAS threads speed up only the matmuls. So on a CPU, train.py shares the rows of every
+# micro-batch out over the cores instead: one shard of rows per worker thread, each running
+# forward + backward of its shard with single-threaded BLAS. NumPy lets go of Python's GIL
+# inside its loops and matmuls, so the workers really run at the same time. Each worker adds
+# into its own gradients, and at the end of the step `gradients()` sums them: what data-parallel
+# training on several GPUs does with an all-reduce. Measured on 2 cores: a micro-batch 10-15%
+# faster than one thread with 2-thread BLAS.
+# BLAS must be single-threaded for this, and OpenBLAS reads OPENBLAS_NUM_THREADS only when NumPy
+# loads it, so train.py and bench.py set it to 1 before importing NumPy.
+
+
+def cpu_workers():
+    """Worker threads for DataParallel: one per core when NumPy's BLAS is single-threaded
+    (OPENBLAS_NUM_THREADS=1, as train.py sets it); else 1 (BLAS threads use the cores); 1 on a GPU."""
+    blas_threads = os.environ.get("OPENBLAS_NUM_THREADS") or os.environ.get("OMP_NUM_THREADS")
+    if BACKEND != "numpy" or blas_threads != "1":
+        return 1
+    cores = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else range(os.cpu_count() or 1)
+    return len(cores)
+
+
+def row_shards(n_rows, workers):
+    """Contiguous slices splitting n_rows into at most `workers` nearly equal, non-empty parts.
+    Example: row_shards(5, 2) -> [slice(0, 2), slice(2, 5)]; row_shards(1, 2) -> [slice(0, 1)]."""
+    parts = min(workers, n_rows)
+    bounds = [n_rows * i // parts for i in range(parts + 1)]
+    return [slice(bounds[i], bounds[i + 1]) for i in range(parts)]
+
+
+class DataParallel:
+    """forward (+ backward) of a micro-batch, its rows shared out over `workers` threads.
+
+    >>> config = get_config("tiny")
+    >>> params = init_params(config)
+    >>> idx = xp.zeros((4, 8), dtype=xp.int64)
+    >>> workers = DataParallel(2)
+    >>> loss = workers.forward_backward(params, config, idx, idx)   # rows 0-1 and 2-3 in two threads
+    >>> grads = workers.gradients()                                  # their gradients, summed
+    >>> round(loss, 4) == round(forward(params, config, idx, idx)[0], 4)
+    True
+    """
+
+    def __init__(self, workers):
+        self.workers = workers
+        self.pool = ThreadPoolExecutor(workers) if workers > 1 else None
+        self.grads = [None] * workers  # each worker's gradient dict (None until its first shard)
+        self.seconds = {"forward": 0.0, "backward": 0.0}  # summed over steps, averaged over shards
+
+    def map(self, work, jobs):
+        """work(*job) for every job: on the pool's threads, or in this thread with one worker."""
+        if self.pool is None:
+            return [work(*job) for job in jobs]
+        return list(self.pool.map(lambda job: work(*job), jobs))
+
+    def _shards(self, targets):
+        """(worker, row slice, counted targets in it) for each shard with a target to count."""
+        shards = []
+        for worker, rows in enumerate(row_shards(targets.shape[0], self.workers)):
+            n_valid = int((targets[rows] != IGNORE_INDEX).sum())
+            if n_valid > 0:
+                shards.append((worker, rows, n_valid))
+        if not shards:
+            raise ValueError("every target is IGNORE_INDEX: the mean loss over no tokens is undefined")
+        return shards
+
+    def loss(self, params, config, idx, targets):
+        """The mean loss over the counted targets of idx, targets (B, T): forward only."""
+        shards = self._shards(targets)
+        n_valid = sum(count for _, _, count in shards)
+
+        def work(worker, rows, count):
+            return forward(params, config, idx[rows], targets[rows])[0] * count
+        return sum(self.map(work, shards)) / n_valid
+
+    def forward_backward(self, params, config, idx, targets, loss_scale=1.0):
+        """Add the gradients of loss_scale * (mean loss over the micro-batch's counted targets)
+        into the workers' gradients; return that mean loss. A shard's mean loss counts with
+        weight (its counted targets) / (the micro-batch's), and so does its gradient."""
+        shards = self._shards(targets)
+        n_valid = sum(count for _, _, count in shards)
+
+        def work(worker, rows, count):
+            start = time.perf_counter()
+            loss, cache = forward(params, config, idx[rows], targets[rows])
+            forward_done = time.perf_counter()
+            self.grads[worker] = backward(params, config, cache, loss_scale * count / n_valid,
+                                          self.grads[worker])
+            return loss * count, forward_done - start, time.perf_counter() - forward_done
+        results = self.map(work, shards)
+        self.seconds["forward"] += sum(seconds for _, seconds, _ in results) / len(results)
+        self.seconds["backward"] += sum(seconds for _, _, seconds in results) / len(results)
+        return sum(weighted for weighted, _, _ in results) / n_valid
+
+    def gradients(self):
+        """The sum of the workers' gradients since the last call (worker 0's dict, the others
+        added in, parameters shared out over the threads); the workers start afresh after it."""
+        grads = [g for g in self.grads if g is not None]
+        self.grads = [None] * self.workers
+        total, others = grads[0], grads[1:]
+        if others:
+            names = list(total)
+
+            def add(worker, share):
+                for name in share:
+                    for other in others:
+                        total[name] += other[name]
+            self.map(add, [(w, names[w::self.workers]) for w in range(self.workers)])
+        return total
+
+
+# -----------------------------------------------------------------------------
 # Sampling: generate text a token at a time, with a KV cache
 #
 # Generating n tokens with `forward` alone would push the whole, growing sequence through the
@@ -934,8 +1049,6 @@ def generate(params, config, prompt_ids, max_new_tokens, temperature=1.0, top_k=
 # cross-entropy kernel's 1/n scale), the grad norm (clip_grad_norm: one sum over all
 # parameters, one read), and forward's checks of the token ids' range (idx.min/max, targets).
 # Nothing else waits for the GPU; train.py's step clock waits once, at the end of the step.
-
-import time
 
 
 def _kernels_setting():

@@ -12,12 +12,11 @@ What it measures, in order:
    does (the same shapes and the same transposed views of the (out, in) weights).
    MFU is measured against these products too, so it says how close albor gets to
    "nothing but matmuls at this machine's speed".
-2. albor's forward, backward and optimizer step on one micro-batch of random
-   tokens: several repeats after a warmup step, medians reported. Each repeat first
-   runs one step's matmuls alone (into ready buffers): the GEMM-bound floor, timed in
-   the same loop, so the noise of a shared machine hits both. MFU = floor / time, for
-   the "in training" time: forward + backward + optimizer / --grad-accum (default 4,
-   as train.py), what each micro-batch of a train.py step costs.
+2. albor's training step exactly as train.py takes it (train.train_step: --grad-accum
+   micro-batches of random tokens, default 4, then clip + AdamW): several repeats after
+   a warmup step, medians reported per micro-batch. Each repeat first runs one
+   micro-batch's matmuls alone (into ready buffers): the GEMM-bound floor, timed in
+   the same loop, so the noise of a shared machine hits both. MFU = floor / time.
 3. If PyTorch is importable: an equivalent eager PyTorch LLaMA (same shapes, tied
    embeddings, RMSNorm, rotate-half RoPE, GQA through SDPA, SwiGLU) loaded with
    albor's parameters. Its loss must match albor's; then albor and PyTorch steps
@@ -35,21 +34,28 @@ preset's heads, over batch sizes x sequence lengths, through albor's reference c
 (albor.USE_KERNELS = False), its kernels.cu (on a GPU) and PyTorch's
 scaled_dot_product_attention (if installed); the paths' results must agree first.
 
-The BLAS thread count is whatever NumPy's BLAS uses (OpenBLAS: one thread per
-CPU unless OPENBLAS_NUM_THREADS is set before Python starts); it is printed.
+As train.py, bench.py sets OPENBLAS_NUM_THREADS=1 before NumPy loads (unless it is
+set already): on a CPU albor.DataParallel's worker threads, one per core, share out
+each micro-batch's rows, each with single-threaded BLAS. The matmuls-alone floor runs
+on those workers too; a fresh process times it once more with BLAS's own threads, and
+MFU is measured against the faster of the two.
 """
 import argparse
 import collections
 import functools
 import os
 import statistics
+import subprocess
+import sys
 import threading
 import time
 
-import numpy as np
-from tqdm import tqdm
+if "numpy" not in sys.modules:  # as train.py: single-threaded BLAS, the cores go to
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # albor.DataParallel's worker threads
+import numpy as np  # noqa: E402  (after the line above)
+from tqdm import tqdm  # noqa: E402
 
-import albor
+import albor  # noqa: E402
 
 WARMUP_STEPS = 1       # the first step allocates buffers and warms caches; not timed
 GEMM_REPEATS = 5       # each GEMM shape is timed this many times (best kept), after one warmup
@@ -137,41 +143,60 @@ def gemm_operands(xp, label, M, K, N, rng):
     return randn(K, M).T, randn(K, N)          # dy.T, x
 
 
-def time_gemm(xp, a, b, out):
-    """Best seconds of out = a @ b over GEMM_REPEATS runs after one warmup: the best run
+def run_products(products, workers):
+    """out = a @ b, `count` times, for each (a, b, out, count) of `products`: with several
+    worker threads (albor.DataParallel, single-threaded BLAS each) every worker computes its
+    share of each product's rows at the same time, as the model's workers split the tokens."""
+    def share(worker):
+        for a, b, out, count in products:
+            rows = albor.row_shards(a.shape[0], workers.workers)[worker]
+            for _ in range(count):
+                albor.xp.matmul(a[rows], b, out=out[rows])
+    workers.map(share, [(worker,) for worker in range(workers.workers)])
+    synchronize()
+
+
+def time_gemm(product, workers):
+    """Best seconds of one product over GEMM_REPEATS runs after one warmup: the best run
     is what the machine can do (a busy neighbour only ever slows a run down), which makes
     MFU against it a conservative figure."""
-    xp.matmul(a, b, out=out)
-    synchronize()
+    run_products([product], workers)
     seconds = []
     for _ in range(GEMM_REPEATS):
         start = time.perf_counter()
-        xp.matmul(a, b, out=out)
-        synchronize()
+        run_products([product], workers)
         seconds.append(time.perf_counter() - start)
     return min(seconds)
 
 
-def measure_gemm_rate(config, tokens):
+def make_products(config, tokens):
+    """(label, M, K, N, count) and its (a, b, out, 1) for every distinct product of a step."""
+    rng = np.random.default_rng(0)
+    products = []
+    for label, M, K, N, count in model_gemms(config, tokens):
+        a, b = gemm_operands(albor.xp, label, M, K, N, rng)
+        products.append(((label, M, K, N, count), (a, b, albor.xp.empty((M, N), dtype=albor.xp.float32), count)))
+    return products
+
+
+def measure_gemm_rate(config, tokens, workers):
     """Time every distinct product of one training step; print a table; return
     (GFLOP per step in matmuls, seconds per step those matmuls take at the measured
     rates, a function that runs one step's matmuls alone and returns its seconds)."""
-    xp = albor.xp
-    rng = np.random.default_rng(0)
-    print(f"GEMM rate: float32 {albor.BACKEND} matmul on this model's products "
+    how = (f"{workers.workers} worker threads, single-threaded BLAS each" if workers.workers > 1
+           else "BLAS threads as NumPy starts them")
+    print(f"GEMM rate: float32 {albor.BACKEND} matmul on this model's products, {how} "
           f"(best of {GEMM_REPEATS}, after 1 warmup)")
     print(f"  {'product':<30} {'shape (M,K) @ (K,N)':>26} {'x/step':>7} {'ms':>8} {'GFLOP/s':>8}")
-    total_flop, total_seconds, products = 0.0, 0.0, []
-    for label, M, K, N, count in model_gemms(config, tokens):
-        a, b = gemm_operands(xp, label, M, K, N, rng)
-        out = xp.empty((M, N), dtype=xp.float32)
-        seconds = time_gemm(xp, a, b, out)
+    total_flop, total_seconds = 0.0, 0.0
+    products = make_products(config, tokens)
+    for (label, M, K, N, count), product in products:
+        seconds = time_gemm(product[:3] + (1,), workers)
         flop = 2.0 * M * K * N
         shape = f"({M},{K}) @ ({K},{N})"
         print(f"  {label:<30} {shape:>26} {count:>7} {1000 * seconds:>8.2f} {flop / seconds / 1e9:>8.1f}")
         total_flop += count * flop
         total_seconds += count * seconds
-        products.append((a, b, out, count))
     print(f"  the model's GEMM mix: {total_flop / 1e9:.3g} GFLOP per step in "
           f"{1000 * total_seconds:.2f} ms = {total_flop / total_seconds / 1e9:.1f} GFLOP/s")
 
@@ -179,12 +204,48 @@ def measure_gemm_rate(config, tokens):
         """One step's matmuls and nothing else (each product `count` times, into a ready
         output buffer): the GEMM-bound floor, timed in the same loop as the steps."""
         start = time.perf_counter()
-        for a, b, out, count in products:
-            for _ in range(count):
-                xp.matmul(a, b, out=out)
-        synchronize()
+        run_products([product for _, product in products], workers)
         return time.perf_counter() - start
     return total_flop, total_seconds, matmuls_alone
+
+
+DEFAULT_BLAS_FLOOR = """
+import json, os, statistics, sys
+import albor, bench
+config = albor.get_config(sys.argv[1])
+products = [product for _, product in bench.make_products(config, int(sys.argv[2]))]
+workers = albor.DataParallel(1)
+seconds = []
+for _ in range(4):
+    start = bench.time.perf_counter()
+    bench.run_products(products, workers)
+    seconds.append(bench.time.perf_counter() - start)
+print(json.dumps(statistics.median(seconds[1:])))
+"""
+
+
+def compare_with_blas_threads(config, tokens, matmuls_alone):
+    """With worker threads, the floor's matmuls run as the workers run them. NumPy's BLAS
+    with its own threads (a fresh process: OpenBLAS reads its thread count at load) may run
+    them faster: time both, one right after the other, and return the factor (at most 1)
+    that brings the workers' floor down to the faster of the two."""
+    env = {name: value for name, value in os.environ.items() if name != "OPENBLAS_NUM_THREADS"}
+    result = subprocess.run([sys.executable, "-c", DEFAULT_BLAS_FLOOR, config_name(config), str(tokens)],
+                            capture_output=True, text=True, env=env, cwd=os.path.dirname(os.path.abspath(__file__)))
+    if result.returncode != 0:
+        print(f"  (could not time BLAS's own threads: {result.stderr.strip().splitlines()[-1:]})")
+        return 1.0
+    blas_threads = float(result.stdout)
+    ours = statistics.median([matmuls_alone() for _ in range(3)])
+    factor = min(1.0, blas_threads / ours)
+    print(f"  the step's matmuls alone: {1000 * ours:.1f} ms on the worker threads, {1000 * blas_threads:.1f} ms "
+          f"with BLAS's own threads (a fresh process): the floor below uses the faster "
+          f"(factor {factor:.3f})")
+    return factor
+
+
+def config_name(config):
+    return next(name for name, preset in albor.PRESETS.items() if preset == config)
 
 
 def training_flop(config, batch_size, seq_len):
@@ -203,35 +264,20 @@ def training_flop(config, batch_size, seq_len):
 # ----------------------------------------------------------------------------
 # 2. albor's training step
 
-def make_albor_optimizer(params):
-    """train.py's update as optimizer_step(grads): clip the global gradient norm, then
-    one albor.AdamW step (albor's default betas, eps, weight decay) at learning rate LR.
-    Returns (optimizer_step, the AdamW, whose settings PyTorch's AdamW copies)."""
-    adamw = albor.AdamW(params)
-
-    def optimizer_step(grads):
-        albor.clip_grad_norm(grads, GRAD_CLIP)
-        adamw.step(params, grads, LR)
-    return optimizer_step, adamw
-
-
-def albor_step(params, config, idx, targets, optimizer_step):
-    """One forward + backward + optimizer step; returns seconds per phase."""
+def albor_train_step(params, config, adamw, inputs, targets, workers, lr=LR):
+    """One step exactly as train.py takes it (its own train_step): the micro-batches inputs[m],
+    targets[m] forward and backward (rows shared out over `workers`, gradients added up), then
+    clip the global gradient norm to GRAD_CLIP and an AdamW step at lr. Returns (mean loss,
+    seconds per phase per micro-batch: the optimizer's time shared out over the micro-batches)."""
+    import train  # here, not at the top: only the training benchmarks need the trainer
+    timing = collections.defaultdict(float)
     start = time.perf_counter()
-    loss, cache = albor.forward(params, config, idx, targets)
+    loss, _, _, _ = train.train_step(params, config, adamw, inputs, targets, lr, GRAD_CLIP, 1, timing, None,
+                                     workers)
     synchronize()
-    forward_done = time.perf_counter()
-    grads = albor.backward(params, config, cache)
-    synchronize()
-    del cache
-    backward_done = time.perf_counter()
-    optimizer_step(grads)
-    synchronize()
-    optimizer_done = time.perf_counter()
-    return {"forward": forward_done - start,
-            "backward": backward_done - forward_done,
-            "optimizer": optimizer_done - backward_done,
-            "step": optimizer_done - start}
+    n = len(inputs)
+    return loss, {"forward": timing["forward_seconds"] / n, "backward": timing["backward_seconds"] / n,
+                  "optimizer": timing["optimizer_seconds"] / n, "step": (time.perf_counter() - start) / n}
 
 
 # ----------------------------------------------------------------------------
@@ -317,27 +363,6 @@ def make_torch_optimizer(torch, weights, adamw):
     return optimizer_step
 
 
-def torch_step(torch, weights, optimizer_step, config, idx, targets):
-    """One forward + backward + optimizer step; returns seconds per phase."""
-    sync = torch.cuda.synchronize if idx.is_cuda else (lambda: None)
-    start = time.perf_counter()
-    loss = torch_loss(torch, weights, config, idx, targets)
-    sync()
-    forward_done = time.perf_counter()
-    loss.backward()
-    sync()
-    backward_done = time.perf_counter()
-    optimizer_step()
-    for weight in weights.values():
-        weight.grad = None  # what optimizer.zero_grad() does: the next backward writes fresh grads
-    sync()
-    optimizer_done = time.perf_counter()
-    return {"forward": forward_done - start,
-            "backward": backward_done - forward_done,
-            "optimizer": optimizer_done - backward_done,
-            "step": optimizer_done - start}
-
-
 def setup_torch(params, config, idx_host, targets_host, adamw):
     """The PyTorch twin of albor's model and optimizer, or None (with a line saying why).
     Its loss on the benchmark batch must match albor's, or the run stops: the timings
@@ -365,7 +390,7 @@ def setup_torch(params, config, idx_host, targets_host, adamw):
     if difference > LOSS_TOLERANCE * max(1.0, abs(reference)):
         raise SystemExit(f"error: albor's loss {albor_loss:.6f} does not match PyTorch's "
                          f"{reference:.6f}; the timings would not compare the same model")
-    return {"torch": torch, "weights": weights, "idx": idx, "targets": targets,
+    return {"torch": torch, "weights": weights, "device": device,
             "optimizer_step": make_torch_optimizer(torch, weights, adamw)}
 
 
@@ -385,7 +410,6 @@ class LayerTimer:
                           for layer in LAYER_KINDS for direction in ("forward", "backward")
                           if hasattr(albor, f"{layer}_{direction}")}
         self.seconds = {}
-        self.threads = set()
         self.inside = threading.local()
         self.lock = threading.Lock()
 
@@ -407,7 +431,6 @@ class LayerTimer:
                 self.inside.active = False
                 with self.lock:
                     self.seconds[layer] = self.seconds.get(layer, 0.0) + elapsed
-                    self.threads.add(threading.get_ident())
         return timed
 
     def __enter__(self):
@@ -425,19 +448,23 @@ class LayerTimer:
         return seconds
 
 
-def layer_breakdown(params, config, idx, targets, optimizer_step, repeats):
-    """Run `repeats` timed steps with LayerTimer active; return (median ms per kind,
-    median step ms, the layers called (X of X_forward), number of threads they ran in),
-    or None if no layer function was called through albor's module globals."""
+def layer_breakdown(params, config, adamw, inputs, targets, repeats, workers):
+    """Run `repeats` timed train steps with LayerTimer active; return (median ms per kind
+    per micro-batch, median ms per micro-batch, the layers called (X of X_forward), number
+    of threads they ran in),
+    or None if no layer function was called through albor's module globals. With worker
+    threads, a layer's seconds are summed over them: divided by their number, they are
+    the average thread's, comparable with the step's wall time."""
     per_kind = {kind: [] for kind in KIND_ORDER}
     steps = []
     called = set()
     with LayerTimer() as timer:
-        albor_step(params, config, idx, targets, optimizer_step)  # warmup
+        albor_train_step(params, config, adamw, inputs, targets, workers)  # warmup
         timer.take()
+        threads = len(albor.row_shards(inputs[0].shape[0], workers.workers))
         for _ in range(repeats):
-            phases = albor_step(params, config, idx, targets, optimizer_step)
-            seconds = timer.take()
+            _, phases = albor_train_step(params, config, adamw, inputs, targets, workers)
+            seconds = {layer: spent / threads / len(inputs) for layer, spent in timer.take().items()}
             if not seconds:
                 return None
             called.update(seconds)
@@ -450,7 +477,6 @@ def layer_breakdown(params, config, idx, targets, optimizer_step, repeats):
             for kind, spent in kinds.items():
                 per_kind[kind].append(spent)
             steps.append(phases["step"])
-        threads = len(timer.threads)
     medians = {kind: median_ms(spent) for kind, spent in per_kind.items()}
     return medians, median_ms(steps), called, threads
 
@@ -477,8 +503,8 @@ def print_breakdown(result, gemm_seconds):
     print(f"  {'step':<20} {step_ms:>9.1f} ms")
     print(f"  the matmuls at the measured GEMM rates alone would take {1000 * gemm_seconds:.1f} ms")
     if threads > 1:
-        print(f"  note: albor ran its layers in {threads} threads; layer times are summed over "
-              f"threads, so 'matmuls' (the remainder of wall time) is understated")
+        print(f"  (albor ran its layers in {threads} worker threads at once: each layer kind is "
+              f"the average thread's time)")
 
 
 # ----------------------------------------------------------------------------
@@ -612,19 +638,33 @@ def attention_benchmark(config, batch_sizes, seq_lens, repeats):
 # ----------------------------------------------------------------------------
 # 6. a whole run (--train-steps): optimizer steps as train.py takes them
 
-def torch_train_step(torch, weights, optimizer_step, config, inputs, targets, lr):
+def torch_train_step(torch, weights, optimizer_step, config, inputs, targets, lr=LR):
     """PyTorch's side of one train.py step: each micro-batch's loss / len(inputs) back-
-    propagated (gradients accumulate in .grad), then clip + AdamW at lr, then .grad = None.
-    Returns the mean loss."""
+    propagated (gradients accumulate in .grad), then clip + AdamW at lr, then .grad = None
+    (what optimizer.zero_grad() does). Returns (mean loss, seconds per phase per micro-batch)."""
+    sync = torch.cuda.synchronize if inputs[0].is_cuda else (lambda: None)
+    seconds = {"forward": 0.0, "backward": 0.0}
     total = 0.0
+    start = time.perf_counter()
     for idx, tgt in zip(inputs, targets):
+        micro_start = time.perf_counter()
         loss = torch_loss(torch, weights, config, idx, tgt) / len(inputs)
+        sync()
+        forward_done = time.perf_counter()
         loss.backward()
+        sync()
+        seconds["forward"] += forward_done - micro_start
+        seconds["backward"] += time.perf_counter() - forward_done
         total += loss.item()
+    optimizer_start = time.perf_counter()
     optimizer_step(lr)
     for weight in weights.values():
         weight.grad = None
-    return total
+    sync()
+    end = time.perf_counter()
+    n = len(inputs)
+    return total, {"forward": seconds["forward"] / n, "backward": seconds["backward"] / n,
+                   "optimizer": (end - optimizer_start) / n, "step": (end - start) / n}
 
 
 def whole_run_benchmark(config, B, T, grad_accum, steps):
@@ -634,10 +674,10 @@ def whole_run_benchmark(config, B, T, grad_accum, steps):
     a micro-batch: the GEMM-bound floor, for the whole run's MFU). With the defaults,
     --train-steps 31 is the training part of `python train.py --rows 500`
     (31 steps x 4 micro-batches x 4 x 128 tokens)."""
-    import train  # here, not at the top: bench's other modes do not need the trainer
     tokens = steps * grad_accum * B * T
-    gemm_flop, _, matmuls_alone = measure_gemm_rate(config, B * T)
-    matmuls_alone()  # warmup
+    workers = albor.DataParallel(albor.cpu_workers())
+    gemm_flop, _, matmuls_alone = measure_gemm_rate(config, B * T, workers)
+    floor_factor = compare_with_blas_threads(config, B * T, matmuls_alone) if workers.workers > 1 else 1.0
     print()
     print(f"Whole run: {steps} optimizer steps x {grad_accum} micro-batches of {B} x {T} tokens = "
           f"{tokens:,} tokens; each step: the matmuls alone, albor (train.py's train_step), PyTorch, in turn")
@@ -646,32 +686,24 @@ def whole_run_benchmark(config, B, T, grad_accum, steps):
                 rng.integers(0, config.vocab_size, size=(grad_accum, B, T), dtype=np.int64))
                for _ in range(steps)]
     params = albor.init_params(config, seed=0)
-    _, adamw = make_albor_optimizer(params)
+    adamw = albor.AdamW(params)
     twin = setup_torch(params, config, batches[0][0][0], batches[0][1][0], adamw)
     names = ["albor", "PyTorch"] if twin else ["albor"]
     seconds = {name: 0.0 for name in names}
     floor_seconds = 0.0
     losses = {}
-    timing = collections.defaultdict(float)  # train_step adds its phase times here
     bar = tqdm(batches, unit="step", desc="whole run", dynamic_ncols=True)
     for step, (inputs, targets) in enumerate(bar, start=1):
         lr = albor.lr_at(step, steps, LR, albor.default_warmup(steps), LR / 10)
-        floor_seconds += grad_accum * training_flop(config, B, T) / gemm_flop * matmuls_alone()
-        start = time.perf_counter()
-        losses["albor"], _, _, _ = train.train_step(params, config, adamw, list(inputs), list(targets), lr,
-                                                    GRAD_CLIP, step, timing)
-        synchronize()
-        seconds["albor"] += time.perf_counter() - start
+        floor_seconds += grad_accum * training_flop(config, B, T) / gemm_flop * matmuls_alone() * floor_factor
+        losses["albor"], phases = albor_train_step(params, config, adamw, list(inputs), list(targets), workers, lr)
+        seconds["albor"] += grad_accum * phases["step"]
         if twin:
             time.sleep(PAUSE_S)
-            torch = twin["torch"]
-            device_batch = [torch.tensor(a, device=twin["idx"].device) for a in (inputs, targets)]
-            start = time.perf_counter()
-            losses["PyTorch"] = torch_train_step(torch, twin["weights"], twin["optimizer_step"], config,
-                                                 *device_batch, lr)
-            if twin["idx"].is_cuda:
-                torch.cuda.synchronize()
-            seconds["PyTorch"] += time.perf_counter() - start
+            device_batch = [twin["torch"].tensor(a, device=twin["device"]) for a in (inputs, targets)]
+            losses["PyTorch"], phases = torch_train_step(twin["torch"], twin["weights"], twin["optimizer_step"],
+                                                         config, *device_batch, lr)
+            seconds["PyTorch"] += grad_accum * phases["step"]
             time.sleep(PAUSE_S)
         bar.set_postfix({name: f"{spent:.0f}s" for name, spent in seconds.items()})
     bar.close()
@@ -709,32 +741,24 @@ def blas_description():
 
 
 def print_step_table(albor_times, torch_times, tokens, floor_seconds, grad_accum):
-    """Medians of each phase for albor (and PyTorch), tokens/s, MFU, and the ratio.
-
-    "step" is one micro-batch followed by an optimizer step. A train.py run with
-    --grad-accum N steps the optimizer once per N micro-batches, so what each micro-batch
-    costs there is forward + backward + optimizer / N: the "in training" row, on which
-    tokens/s, MFU and the targets are reported.
-    """
+    """Medians of each phase for albor (and PyTorch), tokens/s, MFU, and the ratio. Every
+    figure is per micro-batch of a train.py step of grad_accum micro-batches: the step's
+    time / grad_accum (so the optimizer's row is its time / grad_accum)."""
     columns = [("albor", albor_times)] + ([("PyTorch", torch_times)] if torch_times else [])
-    for _, times in columns:
-        times["in training"] = [f + b + o / grad_accum for f, b, o in
-                                zip(times["forward"], times["backward"], times["optimizer"])]
     header = "".join(f"{name:>14}" for name, _ in columns) + (f"{'albor/PyTorch':>15}" if torch_times else "")
-    print(f"  {'':<22}{header}")
-    for phase in ["forward", "backward", "optimizer", "step", "in training"]:
+    print(f"  per micro-batch{'':<7}{header}")
+    for phase in ["forward", "backward", "optimizer", "step"]:
         cells = [median_ms(times[phase]) for _, times in columns]
         row = "".join(f"{ms:>11.1f} ms" for ms in cells)
         if torch_times and cells[1] > 0:
             row += f"{cells[0] / cells[1]:>15.2f}"
-        print(f"  {phase:<22}{row}")
-    print(f"  (in training = forward + backward + optimizer / {grad_accum}: a micro-batch's share of a "
-          f"train.py step with --grad-accum {grad_accum})")
-    for phase in ["step", "in training"]:
-        seconds = [statistics.median(times[phase]) for _, times in columns]
-        mfus = [floor_seconds / s for s in seconds]
-        print(f"  {'tokens/s, ' + phase:<22}" + "".join(f"{tokens / s:>14.0f}" for s in seconds))
-        print(f"  {'MFU, ' + phase:<22}" + "".join(f"{100 * mfu:>13.1f}%" for mfu in mfus))
+        label = "step / micro-batches" if phase == "step" else (
+            f"optimizer / {grad_accum}" if phase == "optimizer" else phase)
+        print(f"  {label:<22}{row}")
+    seconds = [statistics.median(times["step"]) for _, times in columns]
+    mfus = [floor_seconds / s for s in seconds]
+    print(f"  {'tokens/s':<22}" + "".join(f"{tokens / s:>14.0f}" for s in seconds))
+    print(f"  {'MFU':<22}" + "".join(f"{100 * mfu:>13.1f}%" for mfu in mfus))
     print("  MFU = the GEMM-bound floor / the time: training FLOPs at the rate of the matmuls alone, "
           "measured in the same loop")
     verdict = lambda met: "met" if met else "NOT met"  # noqa: E731
@@ -742,7 +766,7 @@ def print_step_table(albor_times, torch_times, tokens, floor_seconds, grad_accum
     if torch_times:
         ratio = seconds[0] / seconds[1]
         targets.append(f"albor/PyTorch <= {TARGET_RATIO} ({ratio:.3f}: {verdict(ratio <= TARGET_RATIO)})")
-    print("  targets, in training: " + "; ".join(targets))
+    print("  targets: " + "; ".join(targets))
     if max(mfus) > 1.0:
         print("  note: MFU above 100% means the matmuls alone ran while the machine was busier "
               "than during the steps (a shared machine); run again")
@@ -812,14 +836,18 @@ def main(argv=None):
     if args.train_steps:
         return whole_run_benchmark(config, B, T, args.grad_accum, args.train_steps)
 
+    workers = albor.DataParallel(albor.cpu_workers())
+
     print(f"albor bench: {args.config} ({albor.param_count(config):,} parameters), "
           f"micro-batch {B} x {T} = {tokens} tokens, backend {albor.BACKEND}, {cpu_count()} CPUs")
     for line in blas_description():
         print(f"  {line}")
+    print(f"  albor's worker threads (albor.DataParallel, as train.py): {workers.workers}")
     print(f"  freed memory kept for reuse (albor.keep_freed_memory): {'yes' if kept else 'no (not glibc)'}")
     print()
 
-    gemm_flop, gemm_seconds, matmuls_alone = measure_gemm_rate(config, tokens)
+    gemm_flop, gemm_seconds, matmuls_alone = measure_gemm_rate(config, tokens, workers)
+    floor_factor = compare_with_blas_threads(config, tokens, matmuls_alone) if workers.workers > 1 else 1.0
     gemm_rate = gemm_flop / gemm_seconds
     step_flop = training_flop(config, B, T)
     print("Training FLOPs per step = 6 * params * tokens + 12 * layers * heads * head_dim * T * tokens")
@@ -828,15 +856,21 @@ def main(argv=None):
     print()
 
     rng = np.random.default_rng(0)
-    idx_host = rng.integers(0, config.vocab_size, size=(B, T), dtype=np.int64)      # (B, T)
-    targets_host = rng.integers(0, config.vocab_size, size=(B, T), dtype=np.int64)  # (B, T)
-    idx, targets = albor.xp.asarray(idx_host), albor.xp.asarray(targets_host)
+    N = args.grad_accum
+    inputs_host = rng.integers(0, config.vocab_size, size=(N, B, T), dtype=np.int64)   # N micro-batches
+    targets_host = rng.integers(0, config.vocab_size, size=(N, B, T), dtype=np.int64)  # (N, B, T)
+    inputs = [albor.xp.asarray(a) for a in inputs_host]
+    targets = [albor.xp.asarray(a) for a in targets_host]
     params = albor.init_params(config, seed=0)
-    optimizer_step, adamw = make_albor_optimizer(params)
-    print(f"Optimizer step (as train.py does it): clip the gradient norm to {GRAD_CLIP}, AdamW lr {LR:g} "
-          f"betas ({adamw.beta1}, {adamw.beta2}) eps {adamw.eps:g} weight decay {adamw.weight_decay} (matrices)")
+    adamw = albor.AdamW(params)
+    print(f"A step as train.py takes it (its train_step): {N} micro-batches, each's gradients added "
+          f"up, then clip the gradient norm to {GRAD_CLIP}, AdamW lr {LR:g} betas ({adamw.beta1}, "
+          f"{adamw.beta2}) eps {adamw.eps:g} weight decay {adamw.weight_decay} (matrices)")
 
-    twin = setup_torch(params, config, idx_host, targets_host, adamw)
+    twin = setup_torch(params, config, inputs_host[0], targets_host[0], adamw)
+    if twin:
+        twin["inputs"] = [twin["torch"].tensor(a, device=twin["device"]) for a in inputs_host]
+        twin["targets"] = [twin["torch"].tensor(a, device=twin["device"]) for a in targets_host]
     print()
 
     albor_times = {phase: [] for phase in ["forward", "backward", "optimizer", "step"]}
@@ -848,33 +882,35 @@ def main(argv=None):
         seconds = matmuls_alone()
         if repeat >= WARMUP_STEPS:
             alone_times.append(seconds)
-        phases = albor_step(params, config, idx, targets, optimizer_step)
+        _, phases = albor_train_step(params, config, adamw, inputs, targets, workers)
         if repeat >= WARMUP_STEPS:
             for phase, seconds in phases.items():
                 albor_times[phase].append(seconds)
         if twin:
             time.sleep(PAUSE_S)
-            phases = torch_step(twin["torch"], twin["weights"], twin["optimizer_step"], config,
-                                twin["idx"], twin["targets"])
+            _, phases = torch_train_step(twin["torch"], twin["weights"], twin["optimizer_step"], config,
+                                         twin["inputs"], twin["targets"])
             if repeat >= WARMUP_STEPS:
                 for phase, seconds in phases.items():
                     torch_times[phase].append(seconds)
             time.sleep(PAUSE_S)
-    floor = step_flop / gemm_flop * statistics.median(alone_times)  # attention's few FLOPs at the same rate
-    print(f"  the step's matmuls alone: {median_ms(alone_times):.1f} ms = "
-          f"{gemm_flop / statistics.median(alone_times) / 1e9:.1f} GFLOP/s; the GEMM-bound floor of a "
+    alone = floor_factor * statistics.median(alone_times)
+    floor = step_flop / gemm_flop * alone  # attention's few FLOPs at the same rate
+    print(f"  the matmuls of a micro-batch alone: {1000 * alone:.1f} ms = "
+          f"{gemm_flop / alone / 1e9:.1f} GFLOP/s; the GEMM-bound floor of a "
           f"micro-batch at that rate: {1000 * floor:.1f} ms")
-    print_step_table(albor_times, torch_times, tokens, floor, args.grad_accum)
+    print_step_table(albor_times, torch_times, tokens, floor, N)
     if twin:
         # both took the same updates from the same start: the whole step (optimizer too) agrees
-        albor_loss, _ = albor.forward(params, config, idx, targets)
+        albor_loss, _ = albor.forward(params, config, inputs[0], targets[0])
         with twin["torch"].no_grad():
-            reference = torch_loss(twin["torch"], twin["weights"], config, twin["idx"], twin["targets"]).item()
+            reference = torch_loss(twin["torch"], twin["weights"], config, twin["inputs"][0],
+                                   twin["targets"][0]).item()
         print(f"  after {WARMUP_STEPS + args.repeats} updates each: loss albor {albor_loss:.6f}, "
               f"PyTorch {reference:.6f}, |difference| {abs(albor_loss - reference):.2e}")
     print()
 
-    result = layer_breakdown(params, config, idx, targets, optimizer_step, args.repeats)
+    result = layer_breakdown(params, config, adamw, inputs, targets, args.repeats, workers)
     print_breakdown(result, gemm_seconds)
     return 0
 

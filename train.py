@@ -47,7 +47,9 @@ import threading
 import time
 from pathlib import Path
 
-import numpy as np
+if "numpy" not in sys.modules:  # OpenBLAS reads this when NumPy loads it: single-threaded BLAS,
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # the cores go to albor.DataParallel's workers
+import numpy as np  # noqa: E402  (after the line above)
 from tqdm import tqdm
 
 import albor
@@ -460,6 +462,7 @@ class LayerClock:
                     if hasattr(albor, name):
                         self.originals[name] = getattr(albor, name)
         self.local = threading.local()          # per thread: inside a timed layer already?
+        self.lock = threading.Lock()            # worker threads add into self.seconds too
 
     def wrap(self, fn, kind):
         def timed(*args, **kwargs):
@@ -470,7 +473,8 @@ class LayerClock:
             try:
                 return fn(*args, **kwargs)
             finally:
-                self.seconds[kind] += time.perf_counter() - start
+                with self.lock:
+                    self.seconds[kind] += time.perf_counter() - start
                 self.local.inside = False
         return timed
 
@@ -504,21 +508,25 @@ class Diverged(Exception):
     """A non-finite loss or gradient norm."""
 
 
-def evaluate(params, config, inputs, targets, batch_size):
-    """Mean loss over all non-pad target tokens of (inputs, targets), or None for no rows."""
+def evaluate(params, config, inputs, targets, batch_size, workers=None):
+    """Mean loss over all non-pad target tokens of (inputs, targets), or None for no rows.
+    Each batch's rows are shared out over `workers` (an albor.DataParallel; by default one
+    per core when BLAS is single-threaded, see albor.cpu_workers)."""
+    workers = workers or albor.DataParallel(albor.cpu_workers())
     total, count = 0.0, 0
     for start in range(0, len(inputs), batch_size):
         idx = albor.xp.asarray(inputs[start:start + batch_size])
         tgt = albor.xp.asarray(targets[start:start + batch_size])
         n_valid = int((targets[start:start + batch_size] != albor.IGNORE_INDEX).sum())
-        loss, cache = albor.forward(params, config, idx, tgt)
-        del cache
-        total += loss * n_valid
+        if n_valid == 0:
+            continue
+        total += workers.loss(params, config, idx, tgt) * n_valid
         count += n_valid
     return total / count if count else None
 
 
-def train_step(params, config, optimizer, inputs, targets, lr, grad_clip, step, timing, scaler=None):
+def train_step(params, config, optimizer, inputs, targets, lr, grad_clip, step, timing, scaler=None,
+               workers=None):
     """One optimizer step on the micro-batches inputs[m], targets[m] (each (B, T)).
 
     Returns (loss, pre-clip gradient norm, number of non-pad targets, whether the
@@ -531,23 +539,38 @@ def train_step(params, config, optimizer, inputs, targets, lr, grad_clip, step, 
     scaler.step unscales, clips and skips the update if a gradient overflowed.
     Phase times come from albor.PhaseClock (CUDA events on the GPU: no waiting
     between phases; the step waits for the GPU once, at its end).
+    With workers (an albor.DataParallel) of more than one thread, each micro-batch's rows
+    are shared out over them (forward and backward run in the workers, each timed by its
+    own thread's clock), and their gradients are summed before clipping.
     """
     n_valid = [int((t != albor.IGNORE_INDEX).sum()) for t in targets]
     n_valid_step = sum(n_valid)
     loss_scale = scaler.scale if scaler else 1.0
+    parallel = workers is not None and workers.workers > 1
     grads, loss_sum = None, 0.0
     clock = albor.PhaseClock()
     clock.start()
+    if parallel:
+        worker_seconds = dict(workers.seconds)
     for m in range(len(inputs)):
-        loss, cache = albor.forward(params, config, albor.xp.asarray(inputs[m]), albor.xp.asarray(targets[m]))
+        idx, tgt = albor.xp.asarray(inputs[m]), albor.xp.asarray(targets[m])
+        weight = loss_scale * n_valid[m] / n_valid_step  # this micro-batch's share of the step
+        if parallel:
+            loss = workers.forward_backward(params, config, idx, tgt, loss_scale=weight)
+            clock.mark("forward_backward_seconds")
+        else:
+            loss, cache = albor.forward(params, config, idx, tgt)
+            clock.mark("forward_seconds")
+            if math.isfinite(loss):
+                grads = albor.backward(params, config, cache, loss_scale=weight, grads=grads)
+            del cache
+            clock.mark("backward_seconds")
         if not math.isfinite(loss):
             raise Diverged(f"the loss is {loss} at step {step} (micro-batch {m + 1} of {len(inputs)})")
-        clock.mark("forward_seconds")
-        grads = albor.backward(params, config, cache, loss_scale=loss_scale * n_valid[m] / n_valid_step,
-                               grads=grads)
-        del cache
-        clock.mark("backward_seconds")
         loss_sum += loss * n_valid[m]
+    if parallel:
+        grads = workers.gradients()
+        clock.mark("backward_seconds")   # the sum of the workers' gradients
     if scaler:
         try:
             grad_norm, stepped = scaler.step(optimizer, params, grads, lr, grad_clip)
@@ -559,7 +582,14 @@ def train_step(params, config, optimizer, inputs, targets, lr, grad_clip, step, 
             raise Diverged(f"the gradient norm is {grad_norm} at step {step}")
         optimizer.step(params, grads, lr)
     clock.mark("optimizer_seconds")
-    for phase, seconds in clock.collect().items():
+    phases = clock.collect()
+    if parallel:  # split the workers' phase as their own clocks did
+        both = phases.pop("forward_backward_seconds")
+        forward_share = workers.seconds["forward"] - worker_seconds["forward"]
+        backward_share = workers.seconds["backward"] - worker_seconds["backward"]
+        phases["forward_seconds"] = both * forward_share / (forward_share + backward_share)
+        phases["backward_seconds"] += both * backward_share / (forward_share + backward_share)
+    for phase, seconds in phases.items():
         timing[phase] += seconds
     return loss_sum / n_valid_step, grad_norm, n_valid_step, stepped
 
@@ -577,11 +607,11 @@ def parse_eval(params, config, tok, val_texts, args):
                              max_new_tokens=max_new_tokens, seed=args["seed"])
 
 
-def evaluate_only(params, config, tok, val_inputs, val_targets, val_texts, args):
+def evaluate_only(params, config, tok, val_inputs, val_targets, val_texts, args, workers):
     """--eval-only: validation loss, perplexity and parse rate of the --resume checkpoint, printed
     and written into final_model.json (in --out, by default the checkpoint's folder)."""
     start = time.perf_counter()
-    val_loss = evaluate(params, config, val_inputs, val_targets, args["batch_size"])
+    val_loss = evaluate(params, config, val_inputs, val_targets, args["batch_size"], workers)
     parse = parse_eval(params, config, tok, val_texts, args)
     source = os.path.join(args["resume"], FINAL_MODEL)
     final_model = read_json(source, "the run's summary") if os.path.exists(source) else {}
@@ -698,12 +728,14 @@ def run(argv):
     scaler = albor.LossScaler() if args["dtype"] == "fp16" else None
     if scaler and state and state.get("loss_scaler"):
         scaler.load_state(state["loss_scaler"])
-    print(f"albor {config_name}: {albor.param_count(config):,} parameters on {albor.BACKEND}; "
+    workers = albor.DataParallel(albor.cpu_workers())
+    on = f"{albor.BACKEND}, {workers.workers} worker threads" if workers.workers > 1 else albor.BACKEND
+    print(f"albor {config_name}: {albor.param_count(config):,} parameters on {on}; "
           f"data: {corpus.description}")
     print(f"tokenizer: {tok_origin}, {tok.vocab_size:,} tokens")
     if args["eval_only"]:
         print(f"evaluating {args['resume']} (step {start_step})")
-        return evaluate_only(params, config, tok, val_inputs, val_targets, val_texts, args)
+        return evaluate_only(params, config, tok, val_inputs, val_targets, val_texts, args, workers)
     tokens_per_step = args["batch_size"] * args["grad_accum"] * args["seq_len"]
     print(f"{n_train} training rows, {len(val_inputs)} validation rows, {args['seq_len']} tokens each "
           f"({int((train_targets != albor.IGNORE_INDEX).sum()):,} non-pad training targets); "
@@ -776,14 +808,16 @@ def run(argv):
                 scale = scaler.scale if scaler else None
                 step_loss, grad_norm, n_valid_step, stepped = train_step(
                     params, config, optimizer, train_inputs[micro_rows], train_targets[micro_rows],
-                    lr, args["grad_clip"], s, timing, scaler)
+                    lr, args["grad_clip"], s, timing, scaler, workers)
                 if not stepped:
                     tqdm.write(f"step {s}: a gradient overflowed in fp16 at loss scale {scale:g}; "
                                f"step skipped, loss scale now {scaler.scale:g}")
                 step_end = time.perf_counter()
                 timing["train_seconds"] += step_end - step_start
-                timing["attention_seconds"] += clock.seconds["attention"] - attention_before
-                timing["other_layers_seconds"] += clock.seconds["other"] - other_before
+                # the layer clock adds up every worker thread's time: per thread, on average
+                threads = len(albor.row_shards(args["batch_size"], workers.workers))
+                timing["attention_seconds"] += (clock.seconds["attention"] - attention_before) / threads
+                timing["other_layers_seconds"] += (clock.seconds["other"] - other_before) / threads
                 step = s
                 loss_curve.append(step_loss)
                 record = {"step": s, "loss": step_loss, "lr": lr, "grad_norm": grad_norm,
@@ -819,7 +853,7 @@ def run(argv):
 
     # --- the end: validation, checkpoint, summary --------------------------------------------
     eval_start = time.perf_counter()
-    val_loss = evaluate(params, config, val_inputs, val_targets, args["batch_size"])
+    val_loss = evaluate(params, config, val_inputs, val_targets, args["batch_size"], workers)
     parse = parse_eval(params, config, tok, val_texts, args)
     timing["eval_seconds"] = timing.get("eval_seconds", 0.0) + time.perf_counter() - eval_start
     timing["wall_seconds"] = timing.get("wall_seconds", 0.0) + time.perf_counter() - wall_start

@@ -313,6 +313,69 @@ def test_loss_scale_and_accumulation():
                                    rtol=1e-12, atol=1e-15)
 
 
+def test_data_parallel_equals_one_forward_backward_of_the_whole_micro_batch():
+    """Rows shared out over 3 worker threads (shards of 1, 2 and 2 rows, counting 6, 10 and 12
+    targets), two micro-batches accumulated, loss_scale applied: the same mean loss
+    and the same summed gradients as forward + backward on whole micro-batches (float64)."""
+    r = rng(11)
+    params = float64_params(SMALL)
+    batches = []
+    for _ in range(2):
+        idx = r.integers(0, SMALL.vocab_size, (5, 6))
+        targets = r.integers(0, SMALL.vocab_size, (5, 6))
+        targets[1, 2:] = IGNORE_INDEX  # uneven counts over the shards
+        batches.append((idx, targets))
+    workers = albor.DataParallel(3)
+    expected, losses = None, []
+    for idx, targets in batches:
+        loss, cache = albor.forward(params, SMALL, idx, targets)
+        expected = albor.backward(params, SMALL, cache, loss_scale=0.5, grads=expected)
+        assert workers.forward_backward(params, SMALL, idx, targets, loss_scale=0.5) == pytest.approx(loss, rel=1e-12)
+        assert workers.loss(params, SMALL, idx, targets) == pytest.approx(loss, rel=1e-12)
+    got = workers.gradients()
+    assert list(got) == list(params)
+    for name in params:
+        np.testing.assert_allclose(to_numpy(got[name]), to_numpy(expected[name]), rtol=1e-10, atol=1e-14,
+                                   err_msg=name)
+    assert workers.grads == [None, None, None]  # the next step starts afresh
+    assert workers.seconds["forward"] > 0 and workers.seconds["backward"] > 0
+
+
+def test_data_parallel_is_deterministic_and_skips_shards_with_nothing_to_count():
+    r = rng(12)
+    params = albor.init_params(SMALL, seed=3)
+    idx = r.integers(0, SMALL.vocab_size, (4, 6))
+    targets = r.integers(0, SMALL.vocab_size, (4, 6))
+    targets[2:] = IGNORE_INDEX  # the second worker's shard counts nothing: it is not run
+    runs = []
+    for _ in range(2):
+        workers = albor.DataParallel(2)
+        loss = workers.forward_backward(params, SMALL, idx, targets)
+        assert workers.grads[1] is None
+        runs.append((loss, workers.gradients()))
+    assert runs[0][0] == runs[1][0]
+    for name in params:
+        assert runs[0][1][name].tobytes() == runs[1][1][name].tobytes(), name
+    reference, cache = albor.forward(params, SMALL, idx[:2], targets[:2])
+    assert runs[0][0] == pytest.approx(reference, rel=1e-6)
+    with pytest.raises(ValueError, match="every target is IGNORE_INDEX"):
+        albor.DataParallel(2).loss(params, SMALL, idx, np.full_like(targets, IGNORE_INDEX))
+
+
+def test_row_shards_and_worker_count():
+    assert albor.row_shards(5, 2) == [slice(0, 2), slice(2, 5)]
+    assert albor.row_shards(4, 2) == [slice(0, 2), slice(2, 4)]
+    assert albor.row_shards(1, 2) == [slice(0, 1)]
+    assert albor.row_shards(3, 8) == [slice(0, 1), slice(1, 2), slice(2, 3)]
+    code = "import os, albor; print(albor.cpu_workers(), len(os.sched_getaffinity(0)))"
+    single = run_python(code, "cpu", extra_env={"OPENBLAS_NUM_THREADS": "1"})
+    assert single.returncode == 0, single.stderr
+    workers, cores = map(int, single.stdout.split())
+    assert workers == cores  # single-threaded BLAS: a worker thread per core
+    threaded = run_python(code, "cpu", extra_env={"OPENBLAS_NUM_THREADS": "2"})
+    assert threaded.stdout.split()[0] == "1"  # BLAS threads use the cores: no workers
+
+
 def test_backward_twice_on_one_cache_is_an_error():
     params = albor.init_params(SMALL)
     idx = np.zeros((1, 3), dtype=np.int64)
@@ -523,9 +586,10 @@ sys.meta_path.insert(0, BlockCupy())
 """
 
 
-def run_python(code, device=None):
+def run_python(code, device=None, extra_env=None):
     env = dict(os.environ)
     env.pop("ALBOR_DEVICE", None)
+    env.update(extra_env or {})
     if device is not None:
         env["ALBOR_DEVICE"] = device
     return subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True,
