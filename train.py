@@ -21,6 +21,8 @@ What a run does, in the order of the functions below:
    --batch-size rows, adds up their gradients (each weighted by its share of
    the step's non-pad tokens, so the step's loss is the mean over all of them),
    clips the global norm, takes an AdamW step and logs a line to metrics.jsonl.
+   On a CPU each micro-batch's rows are shared out over one worker thread per
+   core (albor.DataParallel, with single-threaded BLAS: set below, before NumPy loads).
    On a GPU, --dtype tf32/bf16/fp16 runs the matmuls in that precision (fp16
    with dynamic loss scaling: a step whose gradients overflow is skipped).
 6. At the end: validation loss, the parse rate (the share of --eval-samples
