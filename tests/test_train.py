@@ -8,6 +8,8 @@ import json
 import math
 import os
 import signal
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -16,6 +18,8 @@ from safetensors import safe_open
 import albor
 import train
 from tokenizer import EOT_ID, PAD_ID, Tokenizer, stdlib_python_files
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 # -----------------------------------------------------------------------------
@@ -347,6 +351,57 @@ def test_gradient_accumulation_equals_one_big_batch(base, tmp_path, monkeypatch)
         scale = np.abs(grads_big[name]).max()
         np.testing.assert_allclose(grads_acc[name], grads_big[name], rtol=1e-4, atol=1e-5 * scale,
                                    err_msg=name)
+
+
+def test_train_step_on_worker_threads_equals_one_thread(monkeypatch):
+    """train_step with the rows of each micro-batch shared out over 2 worker threads
+    (albor.DataParallel) hands clipping the same summed gradients, and returns the same loss
+    and norm, as one thread does; it times forward, backward and optimizer as usual."""
+    config = albor.get_config("tiny")
+    rng = np.random.default_rng(1)
+    inputs = rng.integers(0, 512, (2, 4, 16))
+    targets = rng.integers(0, 512, (2, 4, 16))
+    targets[0, 1, 5:] = albor.IGNORE_INDEX                 # uneven shards within a micro-batch
+    real_clip = albor.clip_grad_norm
+    seen = []
+
+    def record(grads, max_norm):
+        seen.append({name: albor.to_numpy(g).copy() for name, g in grads.items()})
+        return real_clip(grads, max_norm)
+
+    monkeypatch.setattr(albor, "clip_grad_norm", record)
+    results = []
+    for workers in (None, albor.DataParallel(2)):
+        params = albor.init_params(config, seed=0)
+        timing = {"forward_seconds": 0.0, "backward_seconds": 0.0, "optimizer_seconds": 0.0}
+        results.append(train.train_step(params, config, albor.AdamW(params), list(inputs), list(targets),
+                                        1e-3, 1.0, 1, timing, None, workers))
+        assert min(timing.values()) > 0, timing
+    (loss_1, norm_1, valid_1, _), (loss_2, norm_2, valid_2, _) = results
+    assert loss_2 == pytest.approx(loss_1, rel=1e-6) and valid_2 == valid_1
+    assert norm_2 == pytest.approx(norm_1, rel=1e-5)
+    for name in seen[0]:
+        scale = np.abs(seen[0][name]).max()
+        np.testing.assert_allclose(seen[1][name], seen[0][name], rtol=1e-4, atol=1e-6 * scale, err_msg=name)
+
+
+def test_train_py_runs_a_worker_thread_per_core_and_stays_deterministic(base, tmp_path):
+    """`python train.py` itself (a fresh process: it sets OPENBLAS_NUM_THREADS=1 before NumPy
+    loads) shares the rows out over a worker thread per core; the same seed, the same bytes."""
+    env = {name: value for name, value in os.environ.items()
+           if name not in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS")}
+    env["ALBOR_DEVICE"] = "cpu"
+    outputs = []
+    for name in ("a", "b"):
+        result = subprocess.run([sys.executable, "train.py"] + [str(a) for a in base]
+                                + ["--max-steps", "2", "--out", str(tmp_path / name)],
+                                cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr
+        outputs.append(result.stdout)
+    cores = len(os.sched_getaffinity(0))
+    if cores > 1:
+        assert f"parameters on numpy, {cores} worker threads" in outputs[0], outputs[0]
+    assert (tmp_path / "a" / "model.safetensors").read_bytes() == (tmp_path / "b" / "model.safetensors").read_bytes()
 
 
 def test_micro_batches_are_weighted_by_their_non_pad_tokens():
