@@ -568,6 +568,8 @@ def train_step(params, config, optimizer, inputs, targets, lr, grad_clip, step, 
             del cache
             clock.mark("backward_seconds")
         if not math.isfinite(loss):
+            if parallel:
+                workers.gradients()  # drop the step's partial gradients
             raise Diverged(f"the loss is {loss} at step {step} (micro-batch {m + 1} of {len(inputs)})")
         loss_sum += loss * n_valid[m]
     if parallel:
