@@ -385,6 +385,24 @@ def test_train_step_on_worker_threads_equals_one_thread(monkeypatch):
         np.testing.assert_allclose(seen[1][name], seen[0][name], rtol=1e-4, atol=1e-6 * scale, err_msg=name)
 
 
+def test_a_diverged_step_on_worker_threads_leaves_no_partial_gradients(monkeypatch):
+    config = albor.get_config("tiny")
+    params = albor.init_params(config, seed=0)
+    real_forward = albor.forward
+
+    def nan_forward(*args, **kwargs):
+        loss, cache = real_forward(*args, **kwargs)
+        return float("nan"), cache
+
+    monkeypatch.setattr(albor, "forward", nan_forward)
+    workers = albor.DataParallel(2)
+    batch = list(np.random.default_rng(2).integers(0, 512, (1, 4, 16)))
+    timing = {"forward_seconds": 0.0, "backward_seconds": 0.0, "optimizer_seconds": 0.0}
+    with pytest.raises(train.Diverged, match="the loss is nan at step 5"):
+        train.train_step(params, config, albor.AdamW(params), batch, batch, 1e-3, 1.0, 5, timing, None, workers)
+    assert workers.grads == [None, None]
+
+
 def test_train_py_runs_a_worker_thread_per_core_and_stays_deterministic(base, tmp_path):
     """`python train.py` itself (a fresh process: it sets OPENBLAS_NUM_THREADS=1 before NumPy
     loads) shares the rows out over a worker thread per core; the same seed, the same bytes."""
