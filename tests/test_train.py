@@ -55,6 +55,20 @@ def base(corpus, tok_file):
             "--val-rows", "4", "--seq-len", "32", "--batch-size", "4", "--grad-accum", "2"]
 
 
+@pytest.fixture
+def clipped_grads(monkeypatch):
+    """A list that receives a copy of the gradients each step hands to clip_grad_norm."""
+    real_clip = albor.clip_grad_norm
+    seen = []
+
+    def record(grads, max_norm):
+        seen.append({name: albor.to_numpy(g).copy() for name, g in grads.items()})
+        return real_clip(grads, max_norm)
+
+    monkeypatch.setattr(albor, "clip_grad_norm", record)
+    return seen
+
+
 def run(argv):
     assert train.main([str(a) for a in argv]) == 0
 
@@ -323,21 +337,13 @@ def test_falsify_003_same_seed_same_bytes(base, tmp_path):
     assert model["a"] != model["c"]
 
 
-def test_gradient_accumulation_equals_one_big_batch(base, tmp_path, monkeypatch):
+def test_gradient_accumulation_equals_one_big_batch(base, tmp_path, clipped_grads):
     """4 micro-batches of 2 rows give the gradient (and loss) of one batch of 8 rows.
 
     The step's gradients are compared where train.py hands them to clipping. (The
     weights after AdamW are not compared bit for bit: Adam divides by sqrt(v), so
     float32 rounding in a near-zero gradient can move a weight by a fraction of lr.)
     """
-    real_clip = albor.clip_grad_norm
-    seen = []
-
-    def record(grads, max_norm):
-        seen.append({name: albor.to_numpy(g).copy() for name, g in grads.items()})
-        return real_clip(grads, max_norm)
-
-    monkeypatch.setattr(albor, "clip_grad_norm", record)
     run(base + ["--batch-size", "2", "--grad-accum", "4", "--max-steps", "2", "--out", tmp_path / "acc"])
     run(base + ["--batch-size", "8", "--grad-accum", "1", "--max-steps", "2", "--out", tmp_path / "big"])
     acc, big = metrics(tmp_path / "acc"), metrics(tmp_path / "big")
@@ -346,14 +352,14 @@ def test_gradient_accumulation_equals_one_big_batch(base, tmp_path, monkeypatch)
     for a, b in zip(acc, big):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-6)
         assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-5)
-    grads_acc, grads_big = seen[0], seen[2]                 # step 1 of each run
+    grads_acc, grads_big = clipped_grads[0], clipped_grads[2]  # step 1 of each run
     for name in grads_acc:
         scale = np.abs(grads_big[name]).max()
         np.testing.assert_allclose(grads_acc[name], grads_big[name], rtol=1e-4, atol=1e-5 * scale,
                                    err_msg=name)
 
 
-def test_train_step_on_worker_threads_equals_one_thread(monkeypatch):
+def test_train_step_on_worker_threads_equals_one_thread(clipped_grads):
     """train_step with the rows of each micro-batch shared out over 2 worker threads
     (albor.DataParallel) hands clipping the same summed gradients, and returns the same loss
     and norm, as one thread does; it times forward, backward and optimizer as usual."""
@@ -362,14 +368,6 @@ def test_train_step_on_worker_threads_equals_one_thread(monkeypatch):
     inputs = rng.integers(0, 512, (2, 4, 16))
     targets = rng.integers(0, 512, (2, 4, 16))
     targets[0, 1, 5:] = albor.IGNORE_INDEX                 # uneven shards within a micro-batch
-    real_clip = albor.clip_grad_norm
-    seen = []
-
-    def record(grads, max_norm):
-        seen.append({name: albor.to_numpy(g).copy() for name, g in grads.items()})
-        return real_clip(grads, max_norm)
-
-    monkeypatch.setattr(albor, "clip_grad_norm", record)
     results = []
     for workers in (None, albor.DataParallel(2)):
         params = albor.init_params(config, seed=0)
@@ -380,9 +378,11 @@ def test_train_step_on_worker_threads_equals_one_thread(monkeypatch):
     (loss_1, norm_1, valid_1, _), (loss_2, norm_2, valid_2, _) = results
     assert loss_2 == pytest.approx(loss_1, rel=1e-6) and valid_2 == valid_1
     assert norm_2 == pytest.approx(norm_1, rel=1e-5)
-    for name in seen[0]:
-        scale = np.abs(seen[0][name]).max()
-        np.testing.assert_allclose(seen[1][name], seen[0][name], rtol=1e-4, atol=1e-6 * scale, err_msg=name)
+    one_thread, two_workers = clipped_grads
+    for name in one_thread:
+        scale = np.abs(one_thread[name]).max()
+        np.testing.assert_allclose(two_workers[name], one_thread[name], rtol=1e-4, atol=1e-6 * scale,
+                                   err_msg=name)
 
 
 def test_a_diverged_step_on_worker_threads_leaves_no_partial_gradients(monkeypatch):
