@@ -10,6 +10,7 @@ import pytest
 
 import albor
 import bench
+from tests.oracles import oracle
 
 
 def number_after(label, out):
@@ -46,7 +47,7 @@ def check_albor_figures(out, batch_size, seq_len, repeats):
 
 
 def test_bench_tiny_with_pytorch(capsys):
-    import torch  # noqa: F401  (a dev requirement: the test fails loudly if it is missing)
+    oracle("torch")  # a dev requirement: skipped without it
     out = run_bench(["--config", "tiny", "--repeats", "1", "--batch-size", "2", "--seq-len", "16"], capsys)
     check_albor_figures(out, batch_size=2, seq_len=16, repeats=1)
     # the same loss before the run, and after the same updates (so the optimizers agree too)
@@ -90,7 +91,7 @@ def attention_rows(out):
 
 
 def test_bench_attention_with_pytorch(capsys):
-    import torch  # noqa: F401  (a dev requirement: the test fails loudly if it is missing)
+    oracle("torch")  # a dev requirement: skipped without it
     out = run_bench(["--attention", "--batch-sizes", "1", "2", "--seq-lens", "16", "33", "--repeats", "1"], capsys)
     assert "H=8 query heads, KVH=2 KV heads, D=64" in out  # albor-base-50m's heads
     assert "median of 1 after 1 warmup" in out
@@ -117,7 +118,7 @@ def test_bench_attention_without_pytorch(capsys, monkeypatch):
 
 
 def test_bench_attention_rejects_a_disagreeing_path(capsys, monkeypatch):
-    import torch  # noqa: F401
+    oracle("torch")
     right = albor.attention_forward
 
     def off_by_one(q, k, v):
@@ -145,7 +146,7 @@ def test_bench_times_train_pys_step_of_grad_accum_micro_batches(capsys):
 def test_bench_whole_run_takes_train_pys_steps_beside_pytorch(capsys):
     """--train-steps: both trainers take the same steps (schedule, clipping, AdamW, gradient
     accumulation) from the same start, so they end at the same loss; each prints its time."""
-    import torch  # noqa: F401  (a dev requirement)
+    oracle("torch")  # a dev requirement: skipped without it
     out = run_bench(["--config", "tiny", "--train-steps", "3", "--grad-accum", "2", "--batch-size", "2",
                      "--seq-len", "16"], capsys)
     assert "Whole run: 3 optimizer steps x 2 micro-batches of 2 x 16 tokens = 192 tokens" in out

@@ -12,13 +12,15 @@ import warnings
 import numpy as np
 import pytest
 
-import torch
-import transformers
-from tokenizers import Tokenizer as HFTokenizer
-
 import albor
+from tests.oracles import oracle
 from tests.test_sample import params_of
 from tokenizer import EOT_ID, PAD_ID, Tokenizer, stdlib_python_files
+
+# The oracles (requirements-dev.txt): where one is missing, this module is skipped.
+torch = oracle("torch")
+transformers = oracle("transformers")
+HFTokenizer = oracle("tokenizers").Tokenizer
 
 # Two small shapes; the second changes every setting config.json carries (GQA group size,
 # head count, RoPE theta, RMSNorm eps, context), so a field transformers misread would show.

@@ -17,15 +17,14 @@ rounding of sums over a few hundred terms) and looser, stated per test, for extr
 import ctypes
 import math
 import re
-import shutil
 import subprocess
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 import albor
 from tests.kernel_emu import KERNELS_CU, TESTS, EmuError, EmuModule, parse_kernels, strip_comments
+from tests.oracles import nvcc, nvrtc_library
 
 SOURCE = KERNELS_CU.read_text()
 KERNEL_NAMES = sorted(parse_kernels(SOURCE))
@@ -69,16 +68,9 @@ def assert_close(got, want, tol=TOL, what=""):
 # 1. It compiles for the GPU
 # ============================================================================================
 
-def _nvrtc():
-    import nvidia.cuda_nvrtc
-    lib = Path(list(nvidia.cuda_nvrtc.__path__)[0]) / "lib" / "libnvrtc.so.12"
-    assert lib.exists(), f"{lib} missing: pip install nvidia-cuda-nvrtc-cu12"
-    return ctypes.CDLL(str(lib))
-
-
 def nvrtc_compile(source, options):
     """(ok, log, ptx) of NVRTC compiling source with options (no GPU needed)."""
-    nvrtc = _nvrtc()
+    nvrtc = ctypes.CDLL(str(nvrtc_library()))
     program = ctypes.c_void_p()
     assert nvrtc.nvrtcCreateProgram(ctypes.byref(program), source.encode(), b"kernels.cu", 0,
                                     None, None) == 0
@@ -116,16 +108,10 @@ def test_nvrtc_rejects_what_cupy_would_reject():
     assert not ok and "INFINITY" in log
 
 
-def _nvcc():
-    nvcc = shutil.which("nvcc") or "/usr/local/cuda/bin/nvcc"
-    assert Path(nvcc).exists(), "nvcc not found on PATH (CI and the dev machines have it)"
-    return nvcc
-
-
 def test_nvcc_cubin_sm90_no_spills(tmp_path):
     """nvcc -arch=sm_90 -cubin: every kernel builds with no register spills, static shared memory
     within the 48 KB a block gets without an opt-in, and at most 255 registers."""
-    result = subprocess.run([_nvcc(), "-arch=sm_90", "-cubin", "-Xptxas", "-v", "-o",
+    result = subprocess.run([nvcc(), "-arch=sm_90", "-cubin", "-Xptxas", "-v", "-o",
                              str(tmp_path / "kernels.cubin"), str(KERNELS_CU)],
                             capture_output=True, text=True)
     assert result.returncode == 0, result.stderr

@@ -16,6 +16,7 @@ import pytest
 
 import albor
 from albor import xp, to_numpy, IGNORE_INDEX
+from tests.oracles import oracle
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAYER_RTOL = 1e-7  # max |analytic - numeric| / max |numeric| for the layer checks
@@ -698,7 +699,7 @@ def torch_llama_loss(torch, params, config, idx, targets):
 
 
 def test_matches_torch_autograd_float64():
-    import torch
+    torch = oracle("torch")  # an oracle only (requirements-dev.txt)
 
     r = rng(18)
     config = SMALL

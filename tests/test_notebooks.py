@@ -12,9 +12,15 @@ are tiny, and a multi-threaded BLAS on a busy machine is several times slower on
 import copy
 from pathlib import Path
 
-import nbformat
 import pytest
-from nbclient import NotebookClient
+
+from tests.oracles import oracle
+
+# Jupyter and matplotlib are dev requirements only: where one is missing, this module is skipped.
+nbformat = oracle("nbformat")
+NotebookClient = oracle("nbclient").NotebookClient
+oracle("ipykernel")   # the "python3" kernel the notebooks run in
+oracle("matplotlib")  # every notebook draws
 
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOKS = ROOT / "notebooks"

@@ -16,6 +16,7 @@ import pytest
 
 import albor
 from albor import AdamW, CheckpointError, clip_grad_norm, default_warmup, lr_at
+from tests.oracles import oracle
 
 # A matrix (decayed) and a norm weight (not decayed), with gradients that change sign and
 # size from step to step so that beta2 and the bias corrections matter (with a constant
@@ -134,7 +135,7 @@ def test_adamw_state_is_float32_keyed_by_parameter_name():
 
 
 def test_adamw_matches_torch():
-    import torch   # an oracle only (requirements-dev.txt): the test fails loudly if it is missing
+    torch = oracle("torch")  # an oracle only (requirements-dev.txt): skipped without it
     rng = np.random.default_rng(0)
     start = {"w": rng.standard_normal((8, 5)).astype(np.float32), "n": rng.standard_normal(5).astype(np.float32)}
     grads = [{k: rng.standard_normal(v.shape).astype(np.float32) for k, v in start.items()} for _ in range(5)]
