@@ -1,85 +1,102 @@
 #!/usr/bin/env bash
-# The GPU check, one command for a device session (about 10 minutes on one H200):
+# The GPU check, one command for a device session:
 #
-#     bash tests/gpu_check.sh
+#     bash tests/gpu_check.sh             # run every step below
+#     bash tests/gpu_check.sh --dry-run   # print the plan (each step's limit and command), run nothing
 #
-# In order of importance, each step under its own time limit and all of them under one overall
-# budget (GPU_CHECK_SECONDS, default 540 s; a step that no longer fits is reported as skipped):
-#   1. the machine: GPU, driver, CuPy, PyTorch;
-#   2. the test suite's gpu-marked tests (ALBOR_DEVICE=cuda: fails if CuPy cannot use the GPU);
-#   3. `python train.py --rows 500`, the model card's run, twice with the same command (cold:
-#      first NVRTC compile of kernels.cu and CuPy's own kernels, maybe the tokenizer; warm:
-#      what a user sees on the second run), checking that both write the same checkpoint bytes;
-#      then the same run with --dtype tf32, bf16 and fp16, and with ALBOR_KERNELS=0 (the CuPy
-#      reference path) for comparison;
-#   4. `python bench.py --batch-size 32 --seq-len 512`: albor-base-50m against PyTorch eager
-#      on the same GPU (bench.py puts its PyTorch twin on the GPU albor runs on);
-#   5. `python bench.py --attention --repeats 5`: causal GQA attention forward + backward
-#      (albor-base-50m's heads) at B=4..32, T=128..2048 through the CuPy reference code,
-#      kernels.cu and PyTorch's SDPA on the same GPU, after checking that the three agree;
-#   6. the whole test suite, on the GPU, with what time is left.
-# Logs and a summary (summary.txt: every step's status and seconds, the runs' figures against
-# the targets) go to $OUT/gpu_check when OUT is set, else runs/gpu_check.
+# It leaves two files, whatever happens (a device run hands back at most 8), in $OUT when it is
+# set, else in runs/gpu_check: summary.txt (every step's status and seconds, the runs' figures
+# against the targets) and gpu_check_logs.tar.gz (every step's whole log, the runs'
+# final_model.json and metrics.jsonl). The archive is rewritten after each step, so a check cut
+# short still hands back the logs so far. The exit status is 1 when any step failed, and the
+# summary's last line names them. PYTHON picks the interpreter (default python3).
+#
+# The time budget, on paper. A device session has 15 minutes and starting the machine takes one
+# or two, so the steps' limits add up to at most 9 minutes (540 s). A step past its limit is
+# stopped, and counts as failed.
+#
+#   step               limit  what
+#   machine             15 s  GPU, driver, CuPy and PyTorch versions
+#   gpu_tests           95 s  the gpu-marked tests, ALBOR_DEVICE=cuda (fails if CuPy cannot use the GPU)
+#   kernel_tests        45 s  the rest of tests/test_kernels.py: NVRTC, nvcc, the emulator
+#   train_cold          75 s  `python train.py --rows 500` with an empty CuPy kernel cache: a first run
+#   train_warm          35 s  the same command again: every later run; the same checkpoint bytes
+#   train_tf32          30 s  the same with --dtype tf32
+#   train_bf16          30 s  the same with --dtype bf16
+#   train_fp16          30 s  the same with --dtype fp16
+#   train_reference     35 s  the same with ALBOR_KERNELS=0: CuPy's reference code, not kernels.cu
+#   bench               75 s  `python bench.py --batch-size 32 --seq-len 512`: albor vs PyTorch eager
+#   attention           55 s  `python bench.py --attention`: reference, kernels.cu and PyTorch SDPA
+#   sum                520 s  of the steps' limits
+#   slack               20 s  up to 5 s to kill a step past its limit, the figures, the archive
+#   budget             540 s
 #
 # The tokenizer: train.py caches the one it trains in checkpoints/tokenizers/. Carry that
-# folder to the device (it is git-ignored) so the runs do not spend minutes training one; if
-# the device's Python has another standard library the cache key differs and the cold run
-# trains it once (its log says how long).
+# folder to the device (it is git-ignored) so the runs do not spend their time training one; if
+# the device's Python has another standard library the cache key differs and train_cold trains
+# it once (its log says how long).
 set -u
 cd "$(dirname "$0")/.."
-LOG="${OUT:-runs}/gpu_check"
-mkdir -p "$LOG"
-SUMMARY="$LOG/summary.txt"
-rm -f "$LOG"/*.sha256
-LAST_RC=1
-BUDGET="${GPU_CHECK_SECONDS:-540}"
+DRY_RUN=0
+[ "${1:-}" = "--dry-run" ] && DRY_RUN=1
+PYTHON=${PYTHON:-python3}
+DEST=${OUT:-runs/gpu_check}     # the two files that come back
+LOGS=runs/gpu_check/logs        # what goes into the archive
+SUMMARY=$DEST/summary.txt
+ARCHIVE=$DEST/gpu_check_logs.tar.gz
+FAILED=()                       # the names of the failed steps
+PLANNED=0                       # the sum of the steps' limits
+LAST_RC=0
 START=$(date +%s)
-: > "$SUMMARY"
 
 note() { echo "$*" | tee -a "$SUMMARY"; }
 
-# step NAME LIMIT_SECONDS COMMAND...: run it with its output in $LOG/NAME.log, unless the
-# budget has less than 20 s left; the limit is cut to what is left.
+archive() { tar -czf "$ARCHIVE" -C "$(dirname "$LOGS")" "$(basename "$LOGS")"; }
+
+# step NAME LIMIT COMMAND...: run COMMAND for at most LIMIT seconds, its output in $LOGS/NAME.log;
+# one line in the summary (status, seconds, command) and the log's last lines under it.
 step() {
     local name=$1 limit=$2
     shift 2
-    local left=$((BUDGET - ($(date +%s) - START)))
-    LAST_RC=1
-    if [ "$left" -lt 20 ]; then
-        note "$(printf '%-22s skipped: out of time' "$name")"
+    PLANNED=$((PLANNED + limit))
+    local command="$*"
+    if [ "$DRY_RUN" = 1 ]; then
+        printf '%-16s %4d s   %s\n' "$name" "$limit" "$command"
         return 0
     fi
-    [ "$limit" -gt "$left" ] && limit=$left
-    local t0 t1 rc
-    t0=$(date +%s.%N)
-    timeout --kill-after=10 "$limit" "$@" > "$LOG/$name.log" 2>&1
-    rc=$?
-    LAST_RC=$rc
-    t1=$(date +%s.%N)
-    local seconds
-    seconds=$(python3 -c "print(f'{$t1 - $t0:.1f}')")
-    local status="ok"
-    [ "$rc" -ne 0 ] && status="FAILED (exit $rc)"
-    [ "$rc" -eq 124 ] && status="TIMED OUT after ${limit} s"
-    local command="$*"
+    local t0
+    t0=$(date +%s%N)
+    timeout --kill-after=5 "$limit" "$@" > "$LOGS/$name.log" 2>&1
+    LAST_RC=$?
+    local ms=$((($(date +%s%N) - t0) / 1000000)) status=ok
+    if [ "$LAST_RC" -eq 124 ] || [ "$LAST_RC" -eq 137 ]; then
+        status="TIMED OUT after $limit s"
+    elif [ "$LAST_RC" -ne 0 ]; then
+        status="FAILED (exit $LAST_RC)"
+    fi
+    [ "$LAST_RC" -ne 0 ] && FAILED+=("$name")
     [ "${#command}" -gt 90 ] && command="${command:0:87}..."
-    note "$(printf '%-22s %-28s %7s s   %s' "$name" "$status" "$seconds" "$command")"
-    tail -n 3 "$LOG/$name.log" | sed 's/^/      | /' | tee -a "$SUMMARY"
-    return 0
+    note "$(printf '%-16s %-24s %4d.%d s   %s' "$name" "$status" $((ms / 1000)) $((ms % 1000 / 100)) "$command")"
+    # the log's last 3 lines; a progress bar's redraws (carriage returns) count as lines
+    tr '\r' '\n' < "$LOGS/$name.log" | grep -v '^ *$' | tail -n 3 | sed 's/^/      | /' >> "$SUMMARY"
+    archive
 }
 
-# figures NAME FOLDER: the run's own timing (final_model.json) and its checkpoint's hash
+# figures NAME FOLDER: the run's own figures (its final_model.json) and its checkpoint's hash into
+# the summary; final_model.json, metrics.jsonl and the hash into the logs. Fails without them.
 figures() {
-    python3 - "$1" "$2" <<'EOF' | tee -a "$SUMMARY"
-import hashlib, json, os, sys
-name, folder = sys.argv[1], sys.argv[2]
+    [ "$DRY_RUN" = 1 ] && return 0
+    python3 - "$1" "$2" "$LOGS" <<'EOF' | tee -a "$SUMMARY"
+import hashlib, json, shutil, sys
+from pathlib import Path
+name, folder, logs = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3])
 try:
-    final = json.load(open(os.path.join(folder, "final_model.json")))
-except OSError as e:
-    print(f"      {name}: no final_model.json ({e.strerror})")
-    sys.exit()
+    final = json.loads((folder / "final_model.json").read_text())
+    digest = hashlib.sha256((folder / "model.safetensors").read_bytes()).hexdigest()
+except (OSError, ValueError) as error:
+    print(f"      {name}: FAILED, no figures: {error}")
+    sys.exit(1)
 t = final.get("timing", {})
-digest = hashlib.sha256(open(os.path.join(folder, "model.safetensors"), "rb").read()).hexdigest()
 phases = ", ".join(f"{k.replace('_seconds', '')} {v:.3f}" for k, v in sorted(t.items())
                    if k.endswith("_seconds") and k not in ("train_seconds", "wall_seconds"))
 print(f"      {name}: steps {final.get('steps')}, loss {final.get('final_loss')}, "
@@ -88,69 +105,96 @@ print(f"      {name}: steps {final.get('steps')}, loss {final.get('final_loss')}
       f"{t.get('tokens_per_second') or 0:,.0f} tokens/s")
 print(f"      {name}: phases (s): {phases}")
 print(f"      {name}: model.safetensors sha256 {digest[:16]}")
-open(os.path.join(os.environ.get("LOG", "."), f"{name}.sha256"), "w").write(digest)
+(logs / f"{name}.sha256").write_text(digest)
 for kept in ("final_model.json", "metrics.jsonl"):
-    if os.path.exists(os.path.join(folder, kept)):
-        os.system(f"cp {os.path.join(folder, kept)} {os.environ.get('LOG', '.')}/{name}.{kept}")
+    if (folder / kept).exists():
+        shutil.copy(folder / kept, logs / f"{name}.{kept}")
 EOF
+    [ "${PIPESTATUS[0]}" -eq 0 ] || FAILED+=("$1:figures")
 }
-export LOG
 
-note "albor GPU check, $(date -u +%Y-%m-%dT%H:%M:%SZ), budget ${BUDGET} s, logs in $LOG"
-note "git $(git rev-parse --short HEAD 2>/dev/null || echo '?')"
-
-# 1. the machine
-step machine 60 bash -c 'nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv;
-    python3 -c "import cupy, numpy; print(\"cupy\", cupy.__version__, \"numpy\", numpy.__version__,
-    \"CUDA runtime\", cupy.cuda.runtime.runtimeGetVersion())";
-    python3 -c "import torch; print(\"torch\", torch.__version__, \"cuda\", torch.cuda.is_available())"'
-cat "$LOG/machine.log" | sed 's/^/      | /' >> "$SUMMARY"
-
-# 2. the gpu-marked tests
-step gpu_tests 300 env ALBOR_DEVICE=cuda python3 -m pytest -q -m gpu -p no:cacheprovider
-
-# 3. the model card's run: same command twice, then the dtypes and the reference path. Each run
-# writes its own folder next to train.py's default one (checkpoints/albor-base-50m), so the
-# tokenizer cache checkpoints/tokenizers/ is the one a plain `python train.py --rows 500` uses.
-train_run() {  # train_run NAME LIMIT [ENV=VALUE ...] -- [train.py flags ...]
+# train_run NAME LIMIT [ENV=VALUE ...] -- [train.py flags ...]: the model card's run into its own
+# folder next to train.py's default one (checkpoints/albor-base-50m), so that it uses the
+# tokenizer cache checkpoints/tokenizers/ as a plain `python train.py --rows 500` does.
+train_run() {
     local name=$1 limit=$2
     shift 2
     local envs=()
     while [ "$1" != "--" ]; do envs+=("$1"); shift; done
     shift
-    rm -rf "checkpoints/gpu_$name"
-    step "$name" "$limit" env ${envs[@]+"${envs[@]}"} python3 train.py --rows 500 --out "checkpoints/gpu_$name" "$@"
+    local run=("$PYTHON" train.py --rows 500 --out "checkpoints/gpu_$name" "$@")
+    [ "${#envs[@]}" -gt 0 ] && run=(env "${envs[@]}" "${run[@]}")
+    [ "$DRY_RUN" = 1 ] || rm -rf "checkpoints/gpu_$name"
+    step "$name" "$limit" "${run[@]}"
     [ "$LAST_RC" -eq 0 ] && figures "$name" "checkpoints/gpu_$name"
     return 0
 }
-train_run train_cold 240 --
-train_run train_warm 120 --
-if [ -f "$LOG/train_cold.sha256" ] && [ -f "$LOG/train_warm.sha256" ]; then
-    if cmp -s "$LOG/train_cold.sha256" "$LOG/train_warm.sha256"; then
+
+if [ "$DRY_RUN" = 0 ]; then
+    rm -rf "$LOGS" runs/gpu_check/cupy_cache
+    mkdir -p "$LOGS" "$DEST"
+    : > "$SUMMARY"
+    note "albor GPU check, $(date -u +%Y-%m-%dT%H:%M:%SZ), git $(git rev-parse --short HEAD 2>/dev/null || echo '?')"
+fi
+
+# 1. the machine
+step machine 15 "$PYTHON" - <<'EOF'
+import subprocess
+print(subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total", "--format=csv"],
+                     capture_output=True, text=True).stdout.strip())
+import cupy, numpy
+print("cupy", cupy.__version__, "numpy", numpy.__version__, "CUDA runtime", cupy.cuda.runtime.runtimeGetVersion())
+try:
+    import torch
+    print("torch", torch.__version__, "cuda", torch.cuda.is_available())
+except ImportError:
+    print("torch: not installed")
+EOF
+
+# 2. the tests: the gpu-marked ones, then the kernel tests that are not (both on CuPy)
+step gpu_tests 95 env ALBOR_DEVICE=cuda "$PYTHON" -m pytest -q -p no:cacheprovider -m gpu
+step kernel_tests 45 env ALBOR_DEVICE=cuda "$PYTHON" -m pytest -q -p no:cacheprovider -m "not gpu" tests/test_kernels.py
+
+# 3. the model card's run: the same command twice, then the dtypes and the reference path. The
+# tests above filled CuPy's default kernel cache; the runs get their own, empty at first, so
+# that train_cold pays what a first run on a fresh machine pays.
+export CUPY_CACHE_DIR=$PWD/runs/gpu_check/cupy_cache
+train_run train_cold 75 --
+train_run train_warm 35 --
+if [ -f "$LOGS/train_cold.sha256" ] && [ -f "$LOGS/train_warm.sha256" ]; then
+    if cmp -s "$LOGS/train_cold.sha256" "$LOGS/train_warm.sha256"; then
         note "      determinism: the two fp32 runs wrote the same model.safetensors bytes"
     else
         note "      determinism: FAILED, the two fp32 runs wrote different model.safetensors"
+        FAILED+=("determinism")
     fi
 fi
 for dtype in tf32 bf16 fp16; do
-    train_run "train_$dtype" 120 -- --dtype "$dtype"
+    train_run "train_$dtype" 30 -- --dtype "$dtype"
 done
-train_run train_reference 180 ALBOR_KERNELS=0 --
-note "      targets (H200): --rows 500 under 10 s including start-up (the seconds on train_warm's"
-note "      line: the whole command) and under 3 s of training (its 'train' figure)"
+train_run train_reference 35 ALBOR_KERNELS=0 --
+[ "$DRY_RUN" = 1 ] || note "      targets (H200): --rows 500 under 10 s including start-up (train_warm's seconds:
+      the whole command) and under 3 s of training (its 'train' figure)"
 
 # 4. the benchmark against PyTorch eager on the same GPU
-step bench 300 python3 bench.py --batch-size 32 --seq-len 512
-[ -f "$LOG/bench.log" ] && grep -E "PyTorch|  step |tokens/s|MFU|targets" "$LOG/bench.log" | head -n 20 \
-    | sed 's/^/      | /' >> "$SUMMARY"
-note "      target: albor's step time within 1.5x of PyTorch eager's"
+step bench 75 "$PYTHON" bench.py --batch-size 32 --seq-len 512 --repeats 5
+if [ "$DRY_RUN" = 0 ]; then
+    grep -E "PyTorch|  step |tokens/s|MFU" "$LOGS/bench.log" | head -n 20 | sed 's/^/      | /' >> "$SUMMARY"
+    note "      target: albor's step time within 1.5x of PyTorch eager's"
+fi
 
 # 5. attention alone: reference code, kernels.cu and PyTorch's SDPA over B x T
-step attention 150 python3 bench.py --attention --repeats 5
-[ -f "$LOG/attention.log" ] && grep -E "PyTorch|agreement|^ +[0-9B]+ +[0-9T]+ " "$LOG/attention.log" \
+step attention 55 "$PYTHON" bench.py --attention --repeats 5
+[ "$DRY_RUN" = 1 ] || grep -E "PyTorch|agreement|^ +[0-9B]+ +[0-9T]+ " "$LOGS/attention.log" \
     | head -n 30 | sed 's/^/      | /' >> "$SUMMARY"
 
-# 6. the whole suite on the GPU
-step full_suite 480 python3 -m pytest -q -p no:cacheprovider
-
-note "done in $(( $(date +%s) - START )) s"
+if [ "$DRY_RUN" = 1 ]; then
+    echo "the steps' limits add up to $PLANNED s"
+    exit 0
+fi
+archive
+if [ "${#FAILED[@]}" -gt 0 ]; then
+    note "done in $(($(date +%s) - START)) s (the steps' limits: $PLANNED s); FAILED: ${FAILED[*]}"
+    exit 1
+fi
+note "done in $(($(date +%s) - START)) s (the steps' limits: $PLANNED s); every step ok"
