@@ -25,6 +25,7 @@ import contextlib
 import copy
 import io
 import os
+import platform
 import re
 import sys
 import time
@@ -49,6 +50,9 @@ NUMBER_TOLERANCE = 0.02          # numbers in text outputs may differ by 2% betw
 PIXEL_DIFFERENCE = 0.25          # a pixel differs clearly when a channel moves by more than this
 PIXELS_ALLOWED = 0.01            # ... and at most 1% of a figure's pixels may
 VARIES_TAG = "varies"
+# The notebooks' data is the standard library of the Python that runs them, so a render is
+# comparable only with one made by the same Python version.
+PYTHON_LINE = "Python (its standard library is the data): "
 
 
 # ---------------------------------------------------------------------------------- answers
@@ -172,7 +176,8 @@ def render(nb, name):
     images = {}
     blocks = [f"<!-- Rendered from notebooks/{name} as shipped (exercises not written yet) by "
               "`python notebooks/workshop.py render`; tests/test_notebooks.py checks it is "
-              "current. Do not edit: edit the notebook and render again. -->"]
+              "current. Do not edit: edit the notebook and render again. -->",
+              f"<!-- {PYTHON_LINE}{platform.python_version()} -->"]
     for cell in nb.cells:
         if cell.cell_type == "markdown":
             blocks.append(cell.source)
@@ -231,8 +236,17 @@ def _figures_match(fresh_png, committed_png):
     return differing.mean() <= PIXELS_ALLOWED
 
 
+def rendered_with(name):
+    """The Python version docs/notebooks' copy of `name` was rendered with (None: no copy)."""
+    path = DOCS / f"{Path(name).stem}.md"
+    found = re.search(re.escape(PYTHON_LINE) + r"(\S+) -->", path.read_text(encoding="utf-8")) \
+        if path.is_file() else None
+    return found and found.group(1)
+
+
 def differences(name, text, images):
-    """What differs between a fresh render of `name` and docs/notebooks (empty: current)."""
+    """What differs between a fresh render of `name` and docs/notebooks (empty: current).
+    Only meaningful with the Python version the copy was rendered with (rendered_with)."""
     stem = Path(name).stem
     committed_md = DOCS / f"{stem}.md"
     if not committed_md.is_file():
@@ -269,6 +283,10 @@ def command_solve(out):
 def command_render(check_only):
     stale = []
     for name in LEARNER_PATH:
+        if check_only and rendered_with(name) not in (None, platform.python_version()):
+            print(f"{name}: rendered with Python {rendered_with(name)}, this is "
+                  f"{platform.python_version()}: its data differs, nothing to compare")
+            continue
         nb, seconds = execute(read(name), SHIPPED_ENV)
         text, images = render(nb, name)
         if check_only:
