@@ -1,7 +1,7 @@
 """The workshop's tooling: solved notebooks for instructors, rendered copies for the repository.
 
     python notebooks/workshop.py solve [--out DIR]   # the notebooks with the answers filled in
-    python notebooks/workshop.py render              # docs/notebooks/: every output and figure
+    python notebooks/workshop.py render [--force]    # docs/notebooks/: every output and figure
     python notebooks/workshop.py check               # is docs/notebooks/ current?
 
 How the answers get in. An exercise is a code cell tagged `exercise` that defines one name
@@ -16,8 +16,10 @@ BLAS thread) and writes docs/notebooks/NN_name.md with every cell, its text outp
 figures (docs/notebooks/NN_name/figure-K.png), for reading on the repository's web page.
 `check` (and tests/test_notebooks.py) executes again and compares: the text must be the
 same (numbers to 2%), each figure the same picture (the share of pixels that differ
-clearly must stay small), except the outputs of cells tagged `varies` (timings, temporary
-paths), which only must exist.
+clearly must stay small), except the outputs of cells tagged `varies` (the set-up check's
+versions, timings, temporary paths), which are not compared. The notebooks' data is the
+standard library of the Python running them, so a copy is compared only by the Python
+version that rendered it (recorded in the copy). `render` rewrites only stale copies.
 """
 import argparse
 import ast
@@ -280,7 +282,9 @@ def command_solve(out):
         print(f"wrote {out / name}")
 
 
-def command_render(check_only):
+def command_render(check_only, force=False):
+    """Execute each notebook as shipped; check its copy in docs/notebooks, or write it (only
+    when it is stale, unless force: the outputs that vary would churn the diffs)."""
     stale = []
     for name in LEARNER_PATH:
         if check_only and rendered_with(name) not in (None, platform.python_version()):
@@ -289,10 +293,12 @@ def command_render(check_only):
             continue
         nb, seconds = execute(read(name), SHIPPED_ENV)
         text, images = render(nb, name)
+        found = differences(name, text, images)
         if check_only:
-            found = differences(name, text, images)
             stale += found
             print(f"{name}: {'current' if not found else 'STALE'} ({seconds:.1f} s)")
+        elif not found and not force:
+            print(f"{name}: current, left as it is ({seconds:.1f} s)")
         else:
             write_render(name, text, images)
             size = sum(len(data) for data in images.values())
@@ -308,13 +314,15 @@ def main(argv=None):
     sub = parser.add_subparsers(dest="command", required=True)
     solve = sub.add_parser("solve", help="write the notebooks with the answers filled in")
     solve.add_argument("--out", type=Path, default=NOTEBOOKS / "solved")
-    sub.add_parser("render", help="execute the notebooks as shipped and write docs/notebooks/")
+    render_parser = sub.add_parser("render", help="execute the notebooks as shipped and write "
+                                   "docs/notebooks/ (where stale)")
+    render_parser.add_argument("--force", action="store_true", help="write every copy anew")
     sub.add_parser("check", help="execute the notebooks and compare with docs/notebooks/")
     args = parser.parse_args(argv)
     if args.command == "solve":
         command_solve(args.out)
     else:
-        command_render(check_only=args.command == "check")
+        command_render(check_only=args.command == "check", force=getattr(args, "force", False))
 
 
 if __name__ == "__main__":
