@@ -53,9 +53,9 @@ def emulator_route():
     """(True, how) when kernels.cu can run in the CPU emulator here, else (False, what to do).
 
     The emulator (tests/cuda_emu.h) switches between thousands of GPU "threads" on one CPU
-    thread and finds the kernels' shared memory through the ELF dynamic loader: it needs Linux
-    (glibc), on x86-64 or arm64, and g++. Windows runs it inside WSL2, a Mac inside a Linux
-    container (WORKSHOP.md's set-up section has both routes).
+    thread and finds the kernels' shared memory through glibc's dynamic loader: it needs Linux
+    and g++ (tested on x86-64, and on arm64 under qemu: tests/emu_arm64_check.py). Windows runs
+    it inside WSL2, a Mac inside a Linux container (WORKSHOP.md's set-up has both routes).
     """
     system = platform.system()
     if system != "Linux":

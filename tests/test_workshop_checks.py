@@ -68,14 +68,12 @@ def merge_without_skipping(ids, pair, new_id):
 
 
 def merge_dropping_the_last(ids, pair, new_id):
-    out, i = [], 0
-    while i < len(ids) - 1:
-        if (ids[i], ids[i + 1]) == pair:
-            out.append(new_id)
-            i += 2
-        else:
-            out.append(ids[i])
-            i += 1
+    out, skip = [], False
+    for i in range(len(ids) - 1):   # the mistake: the loop never visits the last id on its own
+        if not skip:
+            merged = (ids[i], ids[i + 1]) == pair
+            out.append(new_id if merged else ids[i])
+        skip = not skip and merged
     return out
 
 
