@@ -5,6 +5,7 @@
     python bench.py --attention                       # attention alone, over a sweep of B and T
     python bench.py --attention --batch-sizes 4 8 --seq-lens 512 1024
     python bench.py --train-steps 31                  # the training of `train.py --rows 500`
+    python bench.py --tokenizer                       # tokenizer.py beside Hugging Face tokenizers
 
 What it measures, in order:
 1. The machine's float32 GEMM rate, with albor's own array library (NumPy on a CPU,
@@ -31,31 +32,31 @@ micro-batches, albor through train.py's own train_step and PyTorch with the same
 settings and learning-rate schedule, taking turns step by step; total seconds and
 the ratio. With --attention, only this instead: causal GQA attention forward + backward with the
 preset's heads, over batch sizes x sequence lengths, through albor's reference code
-(albor.USE_KERNELS = False), its kernels.cu (on a GPU) and PyTorch's
+(ALBOR_KERNELS=0's path), its kernels.cu (on a GPU) and PyTorch's
 scaled_dot_product_attention (if installed); the paths' results must agree first.
 
 As train.py, bench.py sets OPENBLAS_NUM_THREADS=1 before NumPy loads (unless it is
-set already): on a CPU albor.DataParallel's worker threads, one per core, share out
+set already): on a CPU cpu.DataParallel's worker threads, one per core, share out
 each micro-batch's rows, each with single-threaded BLAS. The matmuls-alone floor runs
 on those workers too; a fresh process times it once more with BLAS's own threads, and
 MFU is measured against the faster of the two.
 """
 import argparse
 import collections
-import functools
 import os
 import statistics
 import subprocess
 import sys
-import threading
 import time
 
 if "numpy" not in sys.modules:  # as train.py: single-threaded BLAS, the cores go to
-    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # albor.DataParallel's worker threads
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # cpu.DataParallel's worker threads
 import numpy as np  # noqa: E402  (after the line above)
 from tqdm import tqdm  # noqa: E402
 
 import albor  # noqa: E402
+import cpu  # noqa: E402
+import gpu  # noqa: E402
 
 WARMUP_STEPS = 1       # the first step allocates buffers and warms caches; not timed
 GEMM_REPEATS = 5       # each GEMM shape is timed this many times (best kept), after one warmup
@@ -145,11 +146,11 @@ def gemm_operands(xp, label, M, K, N, rng):
 
 def run_products(products, workers):
     """out = a @ b, `count` times, for each (a, b, out, count) of `products`: with several
-    worker threads (albor.DataParallel, single-threaded BLAS each) every worker computes its
+    worker threads (cpu.DataParallel, single-threaded BLAS each) every worker computes its
     share of each product's rows at the same time, as the model's workers split the tokens."""
     def share(worker):
         for a, b, out, count in products:
-            rows = albor.row_shards(a.shape[0], workers.workers)[worker]
+            rows = cpu.row_shards(a.shape[0], workers.workers)[worker]
             for _ in range(count):
                 albor.xp.matmul(a[rows], b, out=out[rows])
     workers.map(share, [(worker,) for worker in range(workers.workers)])
@@ -214,7 +215,7 @@ import json, os, statistics, sys
 import albor, bench
 config = albor.get_config(sys.argv[1])
 products = [product for _, product in bench.make_products(config, int(sys.argv[2]))]
-workers = albor.DataParallel(1)
+workers = cpu.DataParallel(1)
 seconds = []
 for _ in range(4):
     start = bench.time.perf_counter()
@@ -395,61 +396,10 @@ def setup_torch(params, config, idx_host, targets_host, adamw):
 
 
 # ----------------------------------------------------------------------------
-# 4. where albor's time goes: timed wrappers around its layer functions
-
-class LayerTimer:
-    """While active, albor's layer functions X_forward / X_backward for the layers X in
-    LAYER_KINDS are replaced by wrappers that add their durations to self.seconds[X].
-    This works because albor's forward and backward call their layers through module
-    globals, which are looked up at call time. Everything else (block_forward's matmuls,
-    residual adds, reshapes) is left unwrapped: it is what remains of the step's time.
-    A layer function called from inside another timed one counts for the outer one."""
-
-    def __init__(self):
-        self.originals = {f"{layer}_{direction}": getattr(albor, f"{layer}_{direction}")
-                          for layer in LAYER_KINDS for direction in ("forward", "backward")
-                          if hasattr(albor, f"{layer}_{direction}")}
-        self.seconds = {}
-        self.inside = threading.local()
-        self.lock = threading.Lock()
-
-    def wrap(self, name, fn):
-        layer = name.rsplit("_", 1)[0]
-
-        @functools.wraps(fn)
-        def timed(*args, **kwargs):
-            if getattr(self.inside, "active", False):
-                return fn(*args, **kwargs)
-            self.inside.active = True
-            synchronize()
-            start = time.perf_counter()
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                synchronize()
-                elapsed = time.perf_counter() - start
-                self.inside.active = False
-                with self.lock:
-                    self.seconds[layer] = self.seconds.get(layer, 0.0) + elapsed
-        return timed
-
-    def __enter__(self):
-        for name, fn in self.originals.items():
-            setattr(albor, name, self.wrap(name, fn))
-        return self
-
-    def __exit__(self, *exc):
-        for name, fn in self.originals.items():
-            setattr(albor, name, fn)
-
-    def take(self):
-        """Seconds per layer since the last take(), and reset."""
-        seconds, self.seconds = self.seconds, {}
-        return seconds
-
+# 4. where albor's time goes: cpu.LayerClock's timed wrappers around its layer functions
 
 def layer_breakdown(params, config, adamw, inputs, targets, repeats, workers):
-    """Run `repeats` timed train steps with LayerTimer active; return (median ms per kind
+    """Run `repeats` timed train steps with cpu.LayerClock active; return (median ms per kind
     per micro-batch, median ms per micro-batch, the layers called (X of X_forward), number
     of threads they ran in),
     or None if no layer function was called through albor's module globals. With worker
@@ -458,10 +408,10 @@ def layer_breakdown(params, config, adamw, inputs, targets, repeats, workers):
     per_kind = {kind: [] for kind in KIND_ORDER}
     steps = []
     called = set()
-    with LayerTimer() as timer:
+    with cpu.LayerClock(synchronize) as timer:
         albor_train_step(params, config, adamw, inputs, targets, workers)  # warmup
         timer.take()
-        threads = len(albor.row_shards(inputs[0].shape[0], workers.workers))
+        threads = len(cpu.row_shards(inputs[0].shape[0], workers.workers))
         for _ in range(repeats):
             _, phases = albor_train_step(params, config, adamw, inputs, targets, workers)
             seconds = {layer: spent / threads / len(inputs) for layer, spent in timer.take().items()}
@@ -516,13 +466,13 @@ GPU_BATCH_SIZES, GPU_SEQ_LENS = [4, 8, 16, 32], [128, 256, 512, 1024, 2048]
 CPU_BATCH_SIZES, CPU_SEQ_LENS = [4], [128, 256, 512]  # NumPy is slow: a smaller default sweep
 
 
-def albor_attention(use_kernels):
+def albor_attention(kernels):
     """run(q, k, v, dout) -> (out, dq, dk, dv) through albor.attention_forward / _backward,
-    with albor.USE_KERNELS (read at call time) set to use_kernels."""
+    with kernels (a gpu.Kernels, or None for the reference code) on for the call."""
     def run(q, k, v, dout):
-        albor.USE_KERNELS = use_kernels
-        out, lse = albor.attention_forward(q, k, v)
-        dq, dk, dv = albor.attention_backward(dout, q, k, v, out, lse)
+        with gpu.settings(kernels=kernels):
+            out, lse = albor.attention_forward(q, k, v)
+            dq, dk, dv = albor.attention_backward(dout, q, k, v, out, lse)
         return out, dq, dk, dv
     return run
 
@@ -546,9 +496,9 @@ def attention_paths():
     arrays, run(*prepared) returns (out, dq, dk, dv), sync waits for the path's device.
     The kernels.cu path only on the CuPy backend; PyTorch only if it is installed."""
     to_albor = lambda *host: [albor.xp.asarray(a) for a in host]  # noqa: E731
-    paths = [("reference", to_albor, albor_attention(False), synchronize)]
+    paths = [("reference", to_albor, albor_attention(None), synchronize)]
     if albor.BACKEND == "cupy":
-        paths.append(("kernels", to_albor, albor_attention(True), synchronize))
+        paths.append(("kernels", to_albor, albor_attention(gpu.kernels() or gpu.Kernels()), synchronize))
     torch = import_torch()
     device = torch_device(torch) if torch else None
     if torch is None:
@@ -605,33 +555,29 @@ def attention_benchmark(config, batch_sizes, seq_lens, repeats):
                 for shape in [(B, H, T, D), (B, KVH, T, D), (B, KVH, T, D), (B, H, T, D)]]
         return [prepare(*host) for _, prepare, _, _ in paths]
 
-    saved = albor.USE_KERNELS
-    try:
-        B, T = batch_sizes[0], seq_lens[0]
-        check_attention_agreement(paths, make_inputs(B, T), B, T)
-        print(f"  {'B':>4} {'T':>6}" + "".join(f"{name + ' ms':>14}" for name in names)
-              + "".join(f"{a + '/' + b:>20}" for a, b in ratios))
-        for B, T in [(B, T) for B in batch_sizes for T in seq_lens]:
-            inputs = make_inputs(B, T)
-            for (_, _, run, sync), args in zip(paths, inputs):  # warmup
+    B, T = batch_sizes[0], seq_lens[0]
+    check_attention_agreement(paths, make_inputs(B, T), B, T)
+    print(f"  {'B':>4} {'T':>6}" + "".join(f"{name + ' ms':>14}" for name in names)
+          + "".join(f"{a + '/' + b:>20}" for a, b in ratios))
+    for B, T in [(B, T) for B in batch_sizes for T in seq_lens]:
+        inputs = make_inputs(B, T)
+        for (_, _, run, sync), args in zip(paths, inputs):  # warmup
+            run(*args)
+            sync()
+        seconds = {name: [] for name in names}
+        for _ in range(repeats):
+            for (name, _, run, sync), args in zip(paths, inputs):
+                sync()
+                start = time.perf_counter()
                 run(*args)
                 sync()
-            seconds = {name: [] for name in names}
-            for _ in range(repeats):
-                for (name, _, run, sync), args in zip(paths, inputs):
-                    sync()
-                    start = time.perf_counter()
-                    run(*args)
-                    sync()
-                    seconds[name].append(time.perf_counter() - start)
-                    if albor.BACKEND == "numpy":
-                        time.sleep(PAUSE_S)  # let the last library's spinning threads go idle
-            ms = {name: median_ms(seconds[name]) for name in names}
-            print(f"  {B:>4} {T:>6}" + "".join(f"{ms[name]:>14.2f}" for name in names)
-                  + "".join(f"{ms[a] / ms[b]:>20.2f}" for a, b in ratios))
-            del inputs
-    finally:
-        albor.USE_KERNELS = saved
+                seconds[name].append(time.perf_counter() - start)
+                if albor.BACKEND == "numpy":
+                    time.sleep(PAUSE_S)  # let the last library's spinning threads go idle
+        ms = {name: median_ms(seconds[name]) for name in names}
+        print(f"  {B:>4} {T:>6}" + "".join(f"{ms[name]:>14.2f}" for name in names)
+              + "".join(f"{ms[a] / ms[b]:>20.2f}" for a, b in ratios))
+        del inputs
     return 0
 
 
@@ -675,7 +621,7 @@ def whole_run_benchmark(config, B, T, grad_accum, steps):
     --train-steps 31 is the training part of `python train.py --rows 500`
     (31 steps x 4 micro-batches x 4 x 128 tokens)."""
     tokens = steps * grad_accum * B * T
-    workers = albor.DataParallel(albor.cpu_workers())
+    workers = cpu.DataParallel(cpu.cpu_workers())
     gemm_flop, _, matmuls_alone = measure_gemm_rate(config, B * T, workers)
     floor_factor = compare_with_blas_threads(config, B * T, matmuls_alone) if workers.workers > 1 else 1.0
     print()
@@ -686,7 +632,7 @@ def whole_run_benchmark(config, B, T, grad_accum, steps):
                 rng.integers(0, config.vocab_size, size=(grad_accum, B, T), dtype=np.int64))
                for _ in range(steps)]
     params = albor.init_params(config, seed=0)
-    adamw = albor.AdamW(params)
+    adamw = cpu.FastAdamW(params)
     twin = setup_torch(params, config, batches[0][0][0], batches[0][1][0], adamw)
     names = ["albor", "PyTorch"] if twin else ["albor"]
     seconds = {name: 0.0 for name in names}
@@ -718,6 +664,61 @@ def whole_run_benchmark(config, B, T, grad_accum, steps):
     if floor_seconds > min(seconds.values()):
         print("  note: MFU above 100%: on tiny shapes the matmuls' call overheads outweigh the rest; "
               "on a shared machine, noise")
+    return 0
+
+
+# ----------------------------------------------------------------------------
+# 7. the tokenizer (--tokenizer): tokenizer.py's BPE beside Hugging Face `tokenizers`
+
+def train_hf_tokenizers(texts, vocab_size, min_frequency=1):
+    """Train the same tokenizer with Hugging Face `tokenizers` (for bench/tests)."""
+    from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
+    from tokenizers import Tokenizer as HFTokenizer
+
+    import tokenizer
+    hf = HFTokenizer(models.BPE(ignore_merges=False))
+    hf.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(tokenizer.SPLIT_PATTERN), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+    hf.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency, show_progress=False,
+                                  special_tokens=list(tokenizer.SPECIAL_TOKENS),
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    hf.train_from_iterator(texts, trainer)
+    return hf
+
+
+def tokenizer_benchmark(lines, vocab_size):
+    """Train on the first `lines` stdlib lines, then encode them twice (cold, warm); the same
+    with Hugging Face `tokenizers` when it is installed."""
+    import tokenizer
+    import train  # the training data's reader
+    texts = list(train.stdlib_texts(lines))
+    megabytes = sum(len(text.encode("utf-8")) for text in texts) / 1e6
+    print(f"corpus: the first {sum(len(t.splitlines()) for t in texts)} lines of the stdlib "
+          f"({len(texts)} files, {megabytes:.2f} MB), vocab_size {vocab_size}")
+
+    def timed(fn):
+        start = time.perf_counter()
+        result = fn()
+        return result, time.perf_counter() - start
+
+    tok, ours_train = timed(lambda: tokenizer.Tokenizer.train(texts, vocab_size))
+    ours_cold = megabytes / timed(lambda: [tok.encode(text) for text in texts])[1]
+    ours_warm = megabytes / timed(lambda: [tok.encode(text) for text in texts])[1]
+    print(f"albor      train {ours_train:6.2f} s ({tok.vocab_size} tokens)   "
+          f"encode {ours_cold:5.2f} MB/s cold, {ours_warm:5.2f} MB/s warm")
+    try:
+        import tokenizers  # noqa: F401
+    except ImportError:
+        print("(Hugging Face tokenizers is not installed: no comparison)")
+        return 0
+    hf, hf_train = timed(lambda: train_hf_tokenizers(texts, vocab_size))
+    hf_encode = megabytes / timed(lambda: [hf.encode(text) for text in texts])[1]
+    print(f"tokenizers train {hf_train:6.2f} s ({hf.get_vocab_size()} tokens)   encode {hf_encode:5.2f} MB/s")
+    print(f"albor vs tokenizers: training takes x{ours_train / hf_train:.2f} the time, "
+          f"warm encoding runs at x{ours_warm / hf_encode:.2f} the speed")
     return 0
 
 
@@ -799,8 +800,21 @@ def parse_args(argv):
     parser.add_argument("--seq-lens", type=int, nargs="+",
                         help=f"with --attention: sequence lengths to sweep (default {GPU_SEQ_LENS} on "
                              f"a GPU, {CPU_SEQ_LENS} on a CPU)")
+    parser.add_argument("--tokenizer", action="store_true",
+                        help="time only tokenizer.py's BPE training and encoding on the stdlib, beside "
+                             "Hugging Face tokenizers if installed")
+    parser.add_argument("--lines", type=int, default=100_000,
+                        help="with --tokenizer: the first N stdlib lines (default 100000)")
+    parser.add_argument("--vocab-size", type=int, default=32768,
+                        help="with --tokenizer: tokens to train (default 32768)")
     args = parser.parse_args(argv)
     config = albor.get_config(args.config)
+    if args.tokenizer:
+        if args.attention or args.train_steps is not None:
+            parser.error("--tokenizer, --attention and --train-steps are separate benchmarks: give one")
+        if args.lines < 1 or args.vocab_size < 258:
+            parser.error("--lines must be at least 1 and --vocab-size at least 258")
+        return args, config
     if args.attention:
         if args.batch_size is not None or args.seq_len is not None:
             parser.error("--attention sweeps --batch-sizes and --seq-lens, not --batch-size / --seq-len")
@@ -828,22 +842,24 @@ def parse_args(argv):
 
 def main(argv=None):
     args, config = parse_args(argv)
+    if args.tokenizer:
+        return tokenizer_benchmark(args.lines, args.vocab_size)
     if args.attention:
         return attention_benchmark(config, args.batch_sizes, args.seq_lens, args.repeats)
     B, T = args.batch_size, args.seq_len
     tokens = B * T
-    kept = albor.keep_freed_memory()  # as train.py does (for PyTorch too: one process)
+    kept = cpu.keep_freed_memory()  # as train.py does (for PyTorch too: one process)
     if args.train_steps:
         return whole_run_benchmark(config, B, T, args.grad_accum, args.train_steps)
 
-    workers = albor.DataParallel(albor.cpu_workers())
+    workers = cpu.DataParallel(cpu.cpu_workers())
 
     print(f"albor bench: {args.config} ({albor.param_count(config):,} parameters), "
           f"micro-batch {B} x {T} = {tokens} tokens, backend {albor.BACKEND}, {cpu_count()} CPUs")
     for line in blas_description():
         print(f"  {line}")
-    print(f"  albor's worker threads (albor.DataParallel, as train.py): {workers.workers}")
-    print(f"  freed memory kept for reuse (albor.keep_freed_memory): {'yes' if kept else 'no (not glibc)'}")
+    print(f"  albor's worker threads (cpu.DataParallel, as train.py): {workers.workers}")
+    print(f"  freed memory kept for reuse (cpu.keep_freed_memory): {'yes' if kept else 'no (not glibc)'}")
     print()
 
     gemm_flop, gemm_seconds, matmuls_alone = measure_gemm_rate(config, tokens, workers)
@@ -862,7 +878,7 @@ def main(argv=None):
     inputs = [albor.xp.asarray(a) for a in inputs_host]
     targets = [albor.xp.asarray(a) for a in targets_host]
     params = albor.init_params(config, seed=0)
-    adamw = albor.AdamW(params)
+    adamw = cpu.FastAdamW(params)
     print(f"A step as train.py takes it (its train_step): {N} micro-batches, each's gradients added "
           f"up, then clip the gradient norm to {GRAD_CLIP}, AdamW lr {LR:g} betas ({adamw.beta1}, "
           f"{adamw.beta2}) eps {adamw.eps:g} weight decay {adamw.weight_decay} (matrices)")

@@ -8,10 +8,11 @@ model writes <|endoftext|> or --max-new-tokens tokens are out. Same --seed, same
 
 What happens, in the order of the functions below:
 
-1. load(): the checkpoint folder's config.json and model.safetensors (albor.load_checkpoint)
+1. load(): the checkpoint folder's config.json and model.safetensors (checkpoint.load_checkpoint)
    and tokenizer.json (tokenizer.Tokenizer.load).
-2. albor.generate() runs the model with a KV cache (see the Sampling section of albor.py):
-   the prompt once, then one new token per step. The prompt is cut from the left when
+2. generate() runs the model with a KV cache (albor.forward_step): the prompt once, then one
+   new token per step, each drawn by sample_next from sampling_probs (temperature, top-k,
+   top-p). The prompt is cut from the left when
    prompt + new tokens would not fit the model's context (max_position_embeddings).
 3. TextStream turns the ids into text as they come. A byte-level token can end inside a
    multi-byte UTF-8 character, so it decodes the whole growing list of new ids each time and
@@ -23,12 +24,16 @@ accepts, a structural measure of "is this code" that a loss value does not give.
 """
 import argparse
 import ast
+import math
 import os
 import sys
 import time
 import warnings
 
+import numpy as np
+
 import albor
+import checkpoint
 from tokenizer import EOT_ID, Tokenizer
 
 TOKENIZER_FILE = "tokenizer.json"
@@ -50,8 +55,8 @@ def load(folder):
     if not os.path.isdir(folder):
         raise SampleError(f"{folder}: no such checkpoint folder")
     try:
-        config, params, _ = albor.load_checkpoint(folder)
-    except albor.CheckpointError as e:
+        config, params, _ = checkpoint.load_checkpoint(folder)
+    except checkpoint.CheckpointError as e:
         raise SampleError(str(e)) from None
     path = os.path.join(folder, TOKENIZER_FILE)
     if not os.path.isfile(path):
@@ -61,6 +66,113 @@ def load(folder):
     except ValueError as e:
         raise SampleError(str(e).splitlines()[0]) from None
     return config, params, tok
+
+
+# -----------------------------------------------------------------------------
+# 2. Drawing tokens: the sampling policy and the generation loop
+#
+#   sampling_probs   logits -> the distribution to draw from (temperature, top-k, top-p)
+#   sample_next      one token id drawn from it (the argmax at temperature 0)
+#   generate         prompt ids -> new ids, until eos_id or max_new_tokens
+
+def _check_sampling(temperature, top_k, top_p):
+    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature >= 0):
+        raise ValueError(f"temperature must be a number >= 0 (0: greedy), got {temperature!r}")
+    if isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or top_k < 0:
+        raise ValueError(f"top_k must be an int >= 0 (0: no limit), got {top_k!r}")
+    if not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):
+        raise ValueError(f"top_p must lie in (0, 1] (1: no limit), got {top_p!r}")
+
+
+def sampling_probs(logits, temperature=1.0, top_k=0, top_p=1.0):
+    """The distribution sample_next draws the next token from: a float64 (V,) host array.
+
+    1. temperature: softmax(logits / temperature); below 1 it sharpens, above 1 it flattens.
+       0 puts all the mass on the argmax (greedy decoding).
+    2. top_k > 0: only the k most likely tokens keep their mass (ties: the lower id first).
+    3. top_p < 1: then only the smallest set of most likely tokens whose mass reaches top_p
+       (the "nucleus"). What is kept is renormalized to sum to 1.
+    Example: logits [2, 1, 0] -> probs [0.665, 0.245, 0.090]; with top_k=2 -> [0.731, 0.269, 0];
+    with top_p=0.5 -> [1, 0, 0]; with temperature 0 -> [1, 0, 0].
+    """
+    _check_sampling(temperature, top_k, top_p)
+    logits = albor.to_numpy(logits).astype(np.float64).reshape(-1)  # (V,)
+    V = logits.size
+    probs = np.zeros(V)
+    if temperature == 0:
+        probs[np.argmax(logits)] = 1.0  # argmax: the first (lowest id) of equal maxima
+        return probs
+    scaled = logits / temperature
+    order = np.argsort(-scaled, kind="stable")  # token ids, most likely first
+    if 0 < top_k < V:
+        scaled[order[top_k:]] = -np.inf
+    probs = np.exp(scaled - scaled.max())
+    probs /= probs.sum()
+    if top_p < 1.0:
+        cumulative = np.cumsum(probs[order])  # mass of the 1, 2, 3, ... most likely tokens
+        n_keep = min(int(np.searchsorted(cumulative, top_p)) + 1, V)  # first n reaching top_p
+        probs[order[n_keep:]] = 0.0
+        probs /= probs.sum()
+    return probs
+
+
+def sample_next(logits, temperature, top_k, top_p, rng):
+    """One token id drawn from sampling_probs(logits, ...) with rng (a np.random.Generator).
+
+    Temperature 0 returns the argmax and draws nothing from rng. One uniform number per
+    draw, so the same seed gives the same ids.
+    """
+    probs = sampling_probs(logits, temperature, top_k, top_p)
+    if temperature == 0:
+        return int(np.argmax(probs))
+    cumulative = np.cumsum(probs)  # (V,)
+    u = rng.random() * cumulative[-1]  # uniform in [0, total mass)
+    # the token whose slice [cumulative[i-1], cumulative[i]) holds u; empty slices never do
+    return int(min(np.searchsorted(cumulative, u, side="right"), probs.size - 1))
+
+
+def generate(params, config, prompt_ids, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0,
+             seed=0, eos_id=None, on_token=None, vocab_size=None):
+    """Continue prompt_ids (a list of ints) by up to max_new_tokens tokens; returns the new ids.
+
+    Stops early when it draws eos_id (the end-of-text token; not returned, not passed on).
+    on_token(id) is called with each new id as soon as it is drawn (sample.py prints with it).
+    The draws come from np.random.default_rng(seed): same seed and settings -> same ids.
+    vocab_size: draw only ids below it (a tokenizer smaller than the model's vocabulary cannot
+    decode the others); default: all of config.vocab_size.
+    A long prompt is cut from the LEFT so that prompt plus new tokens fit the context: the model
+    sees the last max_position_embeddings - max_new_tokens prompt tokens.
+    """
+    prompt = [int(i) for i in prompt_ids]
+    context = config.max_position_embeddings
+    if not prompt:
+        raise ValueError("the prompt is empty: give at least one token")
+    if not 0 <= max_new_tokens < context:
+        raise ValueError(f"max_new_tokens must lie in [0, {context}) (max_position_embeddings "
+                         f"{context}, and the prompt needs room), got {max_new_tokens}")
+    vocab_size = config.vocab_size if vocab_size is None else vocab_size
+    if not 1 <= vocab_size <= config.vocab_size:
+        raise ValueError(f"vocab_size must lie in [1, {config.vocab_size}], got {vocab_size}")
+    _check_sampling(temperature, top_k, top_p)
+    prompt = prompt[-(context - max_new_tokens):]  # cut from the left
+    if max_new_tokens == 0:
+        return []
+    rng = np.random.default_rng(seed)
+    dtype = params["model.embed_tokens.weight"].dtype
+    cache = albor.kv_cache_new(config, 1, len(prompt) + max_new_tokens, dtype)
+    logits = albor.forward_step(params, config, np.array([prompt]), cache)[0, -1]  # (V,) the last one
+    new_ids = []
+    while True:
+        next_id = sample_next(logits[:vocab_size], temperature, top_k, top_p, rng)
+        if next_id == eos_id:
+            break
+        new_ids.append(next_id)
+        if on_token is not None:
+            on_token(next_id)
+        if len(new_ids) == max_new_tokens:
+            break
+        logits = albor.forward_step(params, config, np.array([[next_id]]), cache)[0, 0]  # (V,)
+    return new_ids
 
 
 # -----------------------------------------------------------------------------
@@ -132,7 +244,7 @@ def parse_rate(params, config, tok, prompts, n_samples, max_new_tokens=128, temp
     parsed = 0
     for i in range(n_samples):
         prompt = prompts[i % len(prompts)]
-        new_ids = albor.generate(params, config, tok.encode(prompt), max_new_tokens, temperature,
+        new_ids = generate(params, config, tok.encode(prompt), max_new_tokens, temperature,
                                  top_k, top_p, seed=seed + i, eos_id=EOT_ID, vocab_size=tok.vocab_size)
         text = prompt + tok.decode(new_ids)
         if len(new_ids) == max_new_tokens:  # cut off, not finished: drop the partial last line
@@ -211,7 +323,7 @@ def main(argv=None):
     sys.stdout.flush()
     stream = TextStream(tok, sys.stdout)
     start = time.perf_counter()
-    new_ids = albor.generate(params, config, prompt_ids, args.max_new_tokens, args.temperature,
+    new_ids = generate(params, config, prompt_ids, args.max_new_tokens, args.temperature,
                              args.top_k, args.top_p, seed=args.seed, eos_id=EOT_ID,
                              on_token=stream.add, vocab_size=tok.vocab_size)
     stream.finish()

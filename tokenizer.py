@@ -36,14 +36,13 @@ Command line (each sub-command has --help):
     python tokenizer.py train --lines 100000 --vocab-size 32768 --out tokenizer.json
     echo "print('hi')" | python tokenizer.py encode --tokenizer tokenizer.json
     echo "[1, 2, 3]"   | python tokenizer.py decode --tokenizer tokenizer.json
-    python tokenizer.py bench
+
+(`python bench.py --tokenizer` times training and encoding beside Hugging Face `tokenizers`.)
 """
 import argparse
 import heapq
 import json
-import os
 import sys
-import sysconfig
 import time
 from collections import Counter, defaultdict
 from pathlib import Path
@@ -456,68 +455,14 @@ def bytes_to_unicode():
 
 
 # ----------------------------------------------------------------------------
-# The default corpus: the Python standard library of the running interpreter.
-
-def stdlib_python_files():
-    """Sorted paths of the running interpreter's standard library .py files
-    (site-packages excluded: installed packages are not the stdlib)."""
-    root = sysconfig.get_paths()["stdlib"]
-    paths = []
-    for folder, subfolders, filenames in os.walk(root):
-        # Prune installed packages in place so os.walk never descends into them.
-        subfolders[:] = [name for name in subfolders if name not in ("site-packages", "dist-packages")]
-        paths += [Path(folder, name) for name in filenames if name.endswith(".py")]
-    return sorted(paths)
-
-
-def stdlib_texts(max_lines=None):
-    """Yield the stdlib source one file at a time (as str), stopping after
-    `max_lines` lines in total (all of it if None); the last file may be cut.
-
-    Files are read as UTF-8 with undecodable bytes (4 test files use other
-    encodings on purpose) replaced by U+FFFD; line endings are kept as they are.
-    """
-    lines_left = max_lines
-    for path in stdlib_python_files():
-        if lines_left is not None and lines_left <= 0:
-            return
-        text = path.read_bytes().decode("utf-8", errors="replace")
-        if lines_left is not None:
-            lines = text.splitlines(keepends=True)[:lines_left]
-            lines_left -= len(lines)
-            text = "".join(lines)
-        yield text
-
-
-# ----------------------------------------------------------------------------
 # Command line
 
-def train_hf_tokenizers(texts, vocab_size, min_frequency=1):
-    """Train the same tokenizer with Hugging Face `tokenizers` (for bench/tests)."""
-    from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
-    from tokenizers import Tokenizer as HFTokenizer
-    hf = HFTokenizer(models.BPE(ignore_merges=False))
-    hf.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(SPLIT_PATTERN), behavior="isolated"),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-    ])
-    hf.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency, show_progress=False,
-                                  special_tokens=list(SPECIAL_TOKENS),
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    hf.train_from_iterator(texts, trainer)
-    return hf
-
-
-def describe_corpus(texts):
-    lines = sum(len(text.splitlines()) for text in texts)
-    megabytes = sum(len(text.encode("utf-8")) for text in texts) / 1e6
-    return f"{lines} lines of the stdlib ({len(texts)} files, {megabytes:.2f} MB)", megabytes
-
-
 def command_train(args):
+    from train import stdlib_texts  # the training data's reader: the standard library's .py files
     texts = list(stdlib_texts(args.lines))
-    print(f"corpus: {describe_corpus(texts)[0]}", file=sys.stderr)
+    megabytes = sum(len(text.encode("utf-8")) for text in texts) / 1e6
+    print(f"corpus: {sum(len(text.splitlines()) for text in texts)} lines of the stdlib "
+          f"({len(texts)} files, {megabytes:.2f} MB)", file=sys.stderr)
     start = time.perf_counter()
     tok = Tokenizer.train(texts, args.vocab_size, min_frequency=args.min_frequency, progress=True)
     seconds = time.perf_counter() - start
@@ -546,42 +491,6 @@ def command_decode(args):
     sys.stdout.flush()
 
 
-def command_bench(args):
-    texts = list(stdlib_texts(args.lines))
-    description, megabytes = describe_corpus(texts)
-    print(f"corpus: first {description}, vocab_size {args.vocab_size}")
-
-    start = time.perf_counter()
-    tok = Tokenizer.train(texts, args.vocab_size)
-    ours_train = time.perf_counter() - start
-    start = time.perf_counter()
-    for text in texts:
-        tok.encode(text)
-    ours_cold = megabytes / (time.perf_counter() - start)
-    start = time.perf_counter()
-    for text in texts:
-        tok.encode(text)
-    ours_warm = megabytes / (time.perf_counter() - start)
-    print(f"albor      train {ours_train:6.2f} s ({tok.vocab_size} tokens)   "
-          f"encode {ours_cold:5.2f} MB/s cold, {ours_warm:5.2f} MB/s warm")
-
-    try:
-        import tokenizers  # noqa: F401
-    except ImportError:
-        print("(Hugging Face tokenizers is not installed: no comparison)")
-        return
-    start = time.perf_counter()
-    hf = train_hf_tokenizers(texts, args.vocab_size)
-    hf_train = time.perf_counter() - start
-    start = time.perf_counter()
-    for text in texts:
-        hf.encode(text)
-    hf_encode = megabytes / (time.perf_counter() - start)
-    print(f"tokenizers train {hf_train:6.2f} s ({hf.get_vocab_size()} tokens)   encode {hf_encode:5.2f} MB/s")
-    print(f"albor vs tokenizers: training takes x{ours_train / hf_train:.2f} the time, "
-          f"warm encoding runs at x{ours_warm / hf_encode:.2f} the speed")
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(description="albor's byte-level BPE tokenizer.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -600,11 +509,6 @@ def main(argv=None):
     p = sub.add_parser("decode", help="JSON list of ids on stdin -> text on stdout")
     p.add_argument("--tokenizer", required=True, help="a tokenizer.json")
     p.set_defaults(run=command_decode)
-
-    p = sub.add_parser("bench", help="time training and encoding (vs Hugging Face tokenizers if installed)")
-    p.add_argument("--lines", type=int, default=100_000, help="corpus: the first N stdlib lines (default 100000)")
-    p.add_argument("--vocab-size", type=int, default=32768, help="tokens to train (default 32768)")
-    p.set_defaults(run=command_bench)
 
     args = parser.parse_args(argv)
     try:

@@ -1,6 +1,6 @@
 """Train albor on Python code: `python train.py --rows 500`.
 
-What a run does, in the order of the functions below:
+What a run does, in the order of the sections below:
 
 1. Settings: the command line (defaults = the model card's run). `--resume DIR`
    continues a saved run with its saved settings; `--init DIR` starts a new run
@@ -15,19 +15,19 @@ What a run does, in the order of the functions below:
 3. Tokenizer: --tokenizer FILE, or one trained on the corpus's first 100K lines
    (vocabulary = the config's vocab_size) on first use, cached in a
    `tokenizers/` folder next to the run folder.
-4. Model and optimizer from albor.py: init_params, AdamW, lr_at (linear warmup,
-   cosine decay), clip_grad_norm.
-5. The loop: each optimizer step runs --grad-accum micro-batches of
+4. The step: each optimizer step runs --grad-accum micro-batches of
    --batch-size rows, adds up their gradients (each weighted by its share of
    the step's non-pad tokens, so the step's loss is the mean over all of them),
-   clips the global norm, takes an AdamW step and logs a line to metrics.jsonl.
-   On a CPU each micro-batch's rows are shared out over one worker thread per
-   core (albor.DataParallel, with single-threaded BLAS: set below, before NumPy loads).
-   On a GPU, --dtype tf32/bf16/fp16 runs the matmuls in that precision (fp16
-   with dynamic loss scaling: a step whose gradients overflow is skipped).
-6. At the end: validation loss, the parse rate (the share of --eval-samples
-   sampled completions that ast.parse accepts, see sample.py), a summary, and
-   the checkpoint. `--eval-only --resume DIR` computes just these for DIR.
+   clips the global norm and takes an AdamW step (albor.py's math). On a CPU each
+   micro-batch's rows are shared out over one worker thread per core (cpu.py, with
+   single-threaded BLAS: set below, before NumPy loads). On a GPU, --dtype
+   tf32/bf16/fp16 runs the matmuls in that precision (gpu.py; fp16 with dynamic
+   loss scaling: a step whose gradients overflow is skipped).
+5. The run: setup (model, data, optimizer), the loop (a step, a line in
+   metrics.jsonl, a checkpoint every --save-every steps), and the finish:
+   validation loss, the parse rate (the share of --eval-samples sampled
+   completions that ast.parse accepts, see sample.py), the checkpoint and a
+   summary. `--eval-only --resume DIR` computes just these for DIR.
 
 The run folder (--out, default checkpoints/<config>):
     model.safetensors, config.json, tokenizer.json   a Hugging Face LlamaForCausalLM folder
@@ -39,24 +39,30 @@ Ctrl-C stops after the current step and saves a checkpoint that --resume
 continues exactly (same final weights, byte for byte, as a run never stopped).
 """
 import argparse
+import contextlib
 import hashlib
 import json
 import math
 import os
 import signal
 import sys
+import sysconfig
 import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 if "numpy" not in sys.modules:  # OpenBLAS reads this when NumPy loads it: single-threaded BLAS,
-    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # the cores go to albor.DataParallel's workers
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # the cores go to cpu.DataParallel's workers
 import numpy as np  # noqa: E402  (after the line above)
-from tqdm import tqdm
+from tqdm import tqdm  # noqa: E402
 
-import albor
-import sample
-from tokenizer import EOT_ID, PAD_ID, Tokenizer, stdlib_python_files
+import albor  # noqa: E402
+import checkpoint  # noqa: E402
+import cpu  # noqa: E402
+import gpu  # noqa: E402
+import sample  # noqa: E402
+from tokenizer import EOT_ID, PAD_ID, Tokenizer  # noqa: E402
 
 TOKENIZER_LINES = 100_000     # a tokenizer trained here sees the corpus's first 100K lines
 TOKENIZER_MIN_FREQUENCY = 1   # merge down to pairs seen once: fills all 32,768 ids from those lines
@@ -85,6 +91,56 @@ DEFAULTS = {   # the model card's run
 # With --resume these define the rows a step reads; changing them would not continue the run.
 DATA_SETTINGS = ("data", "rows", "val_rows", "seq_len", "seed")
 
+FLAGS = [   # (flag, help, argparse options), in --help's order
+    ("--config", f"model preset: {', '.join(albor.PRESETS)}; with --resume/--init the model's "
+                 "shape comes from the checkpoint and a different --config is an error", {}),
+    ("--data", "training text: a folder (every file in it, one row each), a .txt file (one "
+               "row per blank-line-separated block) or a .jsonl file (one row per line's "
+               "\"text\"); default: the .py files of this Python's standard library",
+     dict(metavar="PATH")),
+    ("--rows", "training rows (documents); one pass over them is the default run length",
+     dict(type=int, metavar="N")),
+    ("--val-rows", "documents held out for the validation loss (0: none)", dict(type=int, metavar="N")),
+    ("--seq-len", "tokens per row seen by the model (rows are cut to this + 1 and padded)",
+     dict(type=int, metavar="T")),
+    ("--batch-size", "rows per micro-batch (one forward + backward)", dict(type=int, metavar="B")),
+    ("--grad-accum", "micro-batches per optimizer step (their gradients are summed)",
+     dict(type=int, metavar="N")),
+    ("--max-steps", "optimizer steps; default: one pass over the training rows "
+                    "(rows // (batch-size * grad-accum)); more passes reshuffle the rows",
+     dict(type=int, metavar="N")),
+    ("--lr", "peak learning rate", dict(type=float)),
+    ("--min-lr", "learning-rate floor the cosine decays to; default: lr / 10", dict(type=float)),
+    ("--warmup", "linear warmup steps (0: start at the peak); default: 10%% of the steps, "
+                 "at most 100", dict(type=int, metavar="N")),
+    ("--beta1", "AdamW beta1 (first-moment decay)", dict(type=float)),
+    ("--beta2", "AdamW beta2 (second-moment decay)", dict(type=float)),
+    ("--eps", "AdamW epsilon", dict(type=float)),
+    ("--weight-decay", "AdamW decoupled weight decay, applied to the weight matrices (and the "
+                       "tied embedding), not to the norm weights", dict(type=float)),
+    ("--grad-clip", "clip the global gradient norm to this (0: no clipping)", dict(type=float)),
+    ("--seed", "seed of the weights' init and of the data order", dict(type=int)),
+    ("--out", "run folder for the checkpoint and logs; default: checkpoints/<config>, or the "
+              "--resume folder", dict(metavar="DIR")),
+    ("--resume", "continue the run saved in DIR: weights, optimizer, data position and settings "
+                 "(flags given now override the saved ones, except the data's)", dict(metavar="DIR")),
+    ("--init", "start from the weights in checkpoint folder DIR, with a fresh optimizer",
+     dict(metavar="DIR")),
+    ("--tokenizer", "tokenizer.json to use; default: the checkpoint's with --resume/--init, "
+                    "else one trained on the corpus (cached)", dict(metavar="FILE")),
+    ("--save-every", "also save a checkpoint every N steps (0: only at the end and on Ctrl-C)",
+     dict(type=int, metavar="N")),
+    ("--eval-samples", "at the end, sample N completions of the held-out documents' first lines "
+                       "and report the share that ast.parse accepts (the parse rate; 0: skip)",
+     dict(type=int, metavar="N")),
+    ("--eval-only", "evaluate the --resume checkpoint instead of training: validation loss, "
+                    "perplexity and parse rate, printed and written to its final_model.json",
+     dict(action="store_true")),
+    ("--dtype", "precision of the matmuls, GPU only: fp32, tf32, bf16 or fp16 (fp16 with dynamic "
+                "loss scaling); weights, optimizer state and all other layers stay float32",
+     dict(choices=gpu.MATMUL_DTYPES)),
+]
+
 
 def build_parser():
     """The command line. Defaults live in DEFAULTS (argparse keeps them out of the namespace,
@@ -101,60 +157,10 @@ def build_parser():
                "  python train.py --eval-only --resume checkpoints/albor-base-50m\n"
                "  python train.py --init checkpoints/albor-base-50m --data my_code/ --out runs/ft",
         formatter_class=argparse.RawDescriptionHelpFormatter)
-
-    def flag(name, help, **kwargs):
+    for name, help, options in FLAGS:
         default = DEFAULTS[name.lstrip("-").replace("-", "_")]
-        if default is not None:
-            help += f" (default: {default})"
-        parser.add_argument(name, help=help, **kwargs)
-
-    flag("--config", f"model preset: {', '.join(albor.PRESETS)}; with --resume/--init the model's "
-                     "shape comes from the checkpoint and a different --config is an error")
-    flag("--data", "training text: a folder (every file in it, one row each), a .txt file (one "
-                   "row per blank-line-separated block) or a .jsonl file (one row per line's "
-                   "\"text\"); default: the .py files of this Python's standard library",
-         metavar="PATH")
-    flag("--rows", "training rows (documents); one pass over them is the default run length",
-         type=int, metavar="N")
-    flag("--val-rows", "documents held out for the validation loss (0: none)", type=int, metavar="N")
-    flag("--seq-len", "tokens per row seen by the model (rows are cut to this + 1 and padded)",
-         type=int, metavar="T")
-    flag("--batch-size", "rows per micro-batch (one forward + backward)", type=int, metavar="B")
-    flag("--grad-accum", "micro-batches per optimizer step (their gradients are summed)",
-         type=int, metavar="N")
-    flag("--max-steps", "optimizer steps; default: one pass over the training rows "
-                        "(rows // (batch-size * grad-accum)); more passes reshuffle the rows",
-         type=int, metavar="N")
-    flag("--lr", "peak learning rate", type=float)
-    flag("--min-lr", "learning-rate floor the cosine decays to; default: lr / 10", type=float)
-    flag("--warmup", "linear warmup steps (0: start at the peak); default: 10%% of the steps, "
-                     "at most 100", type=int, metavar="N")
-    flag("--beta1", "AdamW beta1 (first-moment decay)", type=float)
-    flag("--beta2", "AdamW beta2 (second-moment decay)", type=float)
-    flag("--eps", "AdamW epsilon", type=float)
-    flag("--weight-decay", "AdamW decoupled weight decay, applied to the weight matrices (and the "
-                           "tied embedding), not to the norm weights", type=float)
-    flag("--grad-clip", "clip the global gradient norm to this (0: no clipping)", type=float)
-    flag("--seed", "seed of the weights' init and of the data order", type=int)
-    flag("--out", "run folder for the checkpoint and logs; default: checkpoints/<config>, or the "
-                  "--resume folder", metavar="DIR")
-    flag("--resume", "continue the run saved in DIR: weights, optimizer, data position and settings "
-                     "(flags given now override the saved ones, except the data's)", metavar="DIR")
-    flag("--init", "start from the weights in checkpoint folder DIR, with a fresh optimizer",
-         metavar="DIR")
-    flag("--tokenizer", "tokenizer.json to use; default: the checkpoint's with --resume/--init, "
-                        "else one trained on the corpus (cached)", metavar="FILE")
-    flag("--save-every", "also save a checkpoint every N steps (0: only at the end and on Ctrl-C)",
-         type=int, metavar="N")
-    flag("--eval-samples", "at the end, sample N completions of the held-out documents' first lines "
-                           "and report the share that ast.parse accepts (the parse rate; 0: skip)",
-         type=int, metavar="N")
-    flag("--eval-only", "evaluate the --resume checkpoint instead of training: validation loss, "
-                        "perplexity and parse rate, printed and written to its final_model.json",
-         action="store_true")
-    flag("--dtype", "precision of the matmuls, GPU only: fp32, tf32, bf16 or fp16 (fp16 with dynamic "
-                    "loss scaling); weights, optimizer state and all other layers stay float32",
-         choices=albor.MATMUL_DTYPES)
+        parser.add_argument(name, help=help + (f" (default: {default})" if default is not None else ""),
+                            **options)
     return parser
 
 
@@ -235,6 +241,37 @@ def merge_resumed_settings(args, given):
 
 # -----------------------------------------------------------------------------
 # 2. Data
+
+
+def stdlib_python_files():
+    """Sorted paths of the running interpreter's standard library .py files
+    (site-packages excluded: installed packages are not the stdlib)."""
+    root = sysconfig.get_paths()["stdlib"]
+    paths = []
+    for folder, subfolders, filenames in os.walk(root):
+        # Prune installed packages in place so os.walk never descends into them.
+        subfolders[:] = [name for name in subfolders if name not in ("site-packages", "dist-packages")]
+        paths += [Path(folder, name) for name in filenames if name.endswith(".py")]
+    return sorted(paths)
+
+
+def stdlib_texts(max_lines=None):
+    """Yield the stdlib source one file at a time (as str), stopping after
+    `max_lines` lines in total (all of it if None); the last file may be cut.
+
+    Files are read as UTF-8 with undecodable bytes (4 test files use other
+    encodings on purpose) replaced by U+FFFD; line endings are kept as they are.
+    """
+    lines_left = max_lines
+    for path in stdlib_python_files():
+        if lines_left is not None and lines_left <= 0:
+            return
+        text = path.read_bytes().decode("utf-8", errors="replace")
+        if lines_left is not None:
+            lines = text.splitlines(keepends=True)[:lines_left]
+            lines_left -= len(lines)
+            text = "".join(lines)
+        yield text
 
 
 class Corpus:
@@ -420,7 +457,7 @@ def get_tokenizer(args, config, corpus, source_folder):
                   f"{corpus.description} ...")
             tok = Tokenizer.train(texts, config.vocab_size, min_frequency=TOKENIZER_MIN_FREQUENCY, progress=True)
             path.parent.mkdir(parents=True, exist_ok=True)
-            albor.atomic_write_bytes(path, tokenizer_bytes(tok))
+            checkpoint.atomic_write_bytes(path, tokenizer_bytes(tok))
             origin = f"{path} (trained in {time.perf_counter() - started:.1f} s)"
     try:
         data = path.read_bytes()
@@ -438,56 +475,276 @@ def tokenizer_bytes(tok):
 
 
 # -----------------------------------------------------------------------------
-# 5. The loop's helpers: timing, Ctrl-C, evaluation
+# 4. The step, and evaluation
 
 
-class LayerClock:
-    """Adds up the time spent in albor's layer functions (attention_*, rmsnorm_*, ...).
+class Diverged(Exception):
+    """A non-finite loss or gradient norm."""
 
-    While active, albor.X_forward / albor.X_backward are replaced by timed
-    wrappers (albor's forward and backward call them through module globals).
-    Whatever forward + backward time lies outside them is the matmuls (with the
-    residual adds and reshapes). CPU only: on a GPU the wrappers would have to
-    wait for the GPU at every layer, so there only whole phases are timed.
+
+def train_step(params, config, optimizer, inputs, targets, lr, grad_clip, step, timing, scaler=None,
+               workers=None):
+    """One optimizer step on the micro-batches inputs[m], targets[m] (each (B, T)).
+
+    Returns (loss, pre-clip gradient norm, number of non-pad targets, whether the optimizer
+    stepped). The loss is the mean over the non-pad targets of all micro-batches together: a
+    micro-batch's mean loss counts with weight n_valid[m] / n_valid_step, and backward's
+    loss_scale gives its gradient the same weight, added into one gradient dict (so 4
+    micro-batches of 4 rows = one batch of 16 rows). workers (a cpu.DataParallel; default one
+    thread) share each micro-batch's rows out, their gradients summed before clipping.
+    With --dtype fp16 the scaler's scale multiplies that loss_scale too (see apply_update).
+    Phase times go into timing; they come from gpu.PhaseClock (CUDA events on the GPU: no
+    waiting between phases; the step waits for the GPU once, at its end).
     """
+    workers = workers or cpu.DataParallel(1)
+    n_valid = [int((t != albor.IGNORE_INDEX).sum()) for t in targets]
+    n_valid_step = sum(n_valid)
+    loss_scale = scaler.scale if scaler else 1.0
+    worker_seconds = dict(workers.seconds)
+    clock = gpu.PhaseClock()
+    clock.start()
+    loss_sum = 0.0
+    for m in range(len(inputs)):
+        idx, tgt = albor.xp.asarray(inputs[m]), albor.xp.asarray(targets[m])
+        weight = loss_scale * n_valid[m] / n_valid_step  # this micro-batch's share of the step
+        loss = workers.forward_backward(params, config, idx, tgt, loss_scale=weight)
+        if not math.isfinite(loss):
+            workers.gradients()  # drop the step's partial gradients
+            raise Diverged(f"the loss is {loss} at step {step} (micro-batch {m + 1} of {len(inputs)})")
+        loss_sum += loss * n_valid[m]
+    grads = workers.gradients()
+    clock.mark("model_seconds")
+    grad_norm, stepped = apply_update(optimizer, params, grads, lr, grad_clip, scaler, step)
+    clock.mark("optimizer_seconds")
+    phases = clock.collect()
+    # forward and backward ran interleaved in the workers: split as their own clocks did
+    model = phases.pop("model_seconds")
+    forward = workers.seconds["forward"] - worker_seconds["forward"]
+    backward = workers.seconds["backward"] - worker_seconds["backward"]
+    phases["forward_seconds"] = model * forward / (forward + backward)
+    phases["backward_seconds"] = model * backward / (forward + backward)
+    for phase, seconds in phases.items():
+        timing[phase] += seconds
+    return loss_sum / n_valid_step, grad_norm, n_valid_step, stepped
 
-    KINDS = {"attention": "attention", "embedding": "other", "rmsnorm": "other",
-             "rope": "other", "swiglu": "other", "cross_entropy": "other"}
 
-    def __init__(self):
-        self.seconds = {"attention": 0.0, "other": 0.0}
-        self.originals = {}
-        if albor.BACKEND == "numpy":
-            for layer in self.KINDS:
-                for direction in ("forward", "backward"):
-                    name = f"{layer}_{direction}"
-                    if hasattr(albor, name):
-                        self.originals[name] = getattr(albor, name)
-        self.local = threading.local()          # per thread: inside a timed layer already?
-        self.lock = threading.Lock()            # worker threads add into self.seconds too
+def apply_update(optimizer, params, grads, lr, grad_clip, scaler, step):
+    """Clip the gradients' global norm and take the optimizer step; returns (the norm before
+    clipping, whether the optimizer stepped). With an fp16 loss scaler (gpu.LossScaler) the
+    gradients are unscaled first, and a step whose gradients overflowed is skipped."""
+    if scaler:
+        scaler.unscale(grads)
+    grad_norm = albor.clip_grad_norm(grads, grad_clip)
+    stepped = True
+    if scaler:
+        try:
+            stepped = scaler.update(math.isfinite(grad_norm))
+        except FloatingPointError as e:
+            raise Diverged(f"{e} (step {step})") from None
+    elif not math.isfinite(grad_norm):
+        raise Diverged(f"the gradient norm is {grad_norm} at step {step}")
+    if stepped:
+        optimizer.step(params, grads, lr)
+    return grad_norm, stepped
 
-    def wrap(self, fn, kind):
-        def timed(*args, **kwargs):
-            if getattr(self.local, "inside", False):   # a layer called by a timed layer counts once
-                return fn(*args, **kwargs)
-            self.local.inside = True
-            start = time.perf_counter()
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                with self.lock:
-                    self.seconds[kind] += time.perf_counter() - start
-                self.local.inside = False
-        return timed
 
-    def __enter__(self):
-        for name, fn in self.originals.items():
-            setattr(albor, name, self.wrap(fn, self.KINDS[name.rsplit("_", 1)[0]]))
-        return self
+def evaluate(params, config, inputs, targets, batch_size, workers=None):
+    """Mean loss over all non-pad target tokens of (inputs, targets), or None for no rows.
+    Each batch's rows are shared out over `workers` (a cpu.DataParallel; by default one
+    per core when BLAS is single-threaded, see cpu.cpu_workers)."""
+    workers = workers or cpu.DataParallel(cpu.cpu_workers())
+    total, count = 0.0, 0
+    for start in range(0, len(inputs), batch_size):
+        idx = albor.xp.asarray(inputs[start:start + batch_size])
+        tgt = albor.xp.asarray(targets[start:start + batch_size])
+        n_valid = int((targets[start:start + batch_size] != albor.IGNORE_INDEX).sum())
+        if n_valid == 0:
+            continue
+        total += workers.loss(params, config, idx, tgt) * n_valid
+        count += n_valid
+    return total / count if count else None
 
-    def __exit__(self, *exc):
-        for name, fn in self.originals.items():
-            setattr(albor, name, fn)
+
+def perplexity(loss):
+    return math.exp(min(loss, 700.0)) if loss is not None else None
+
+
+def parse_eval(params, config, tok, val_texts, args):
+    """The parse rate (sample.parse_rate): the share of --eval-samples completions of the held-out
+    documents' first lines that ast.parse accepts, up to 128 new tokens each (fewer if the
+    context is short), seeded with --seed."""
+    max_new_tokens = min(128, config.max_position_embeddings // 2)
+    return sample.parse_rate(params, config, tok, sample.eval_prompts(val_texts), args["eval_samples"],
+                             max_new_tokens=max_new_tokens, seed=args["seed"])
+
+
+# -----------------------------------------------------------------------------
+# 5. The run: setup, loop, finish
+#
+# A run's state travels in one object, `run` (a SimpleNamespace), filled in by setup():
+#   args, config, config_name, out, state (the resumed run's trainer_state, or None),
+#   corpus, tok, tok_data, tok_origin, val_texts, train_inputs/targets, val_inputs/targets,
+#   max_steps, warmup, min_lr, steps_per_pass, tokens_per_step, provenance,
+#   params, optimizer, scaler, workers, start_step, loss_curve, timing, last_saved.
+
+
+def setup(args, given):
+    """Everything the loop needs, from the settings: model shape, data, tokenizer, weights."""
+    run = SimpleNamespace(args=args, state=None)
+    source_folder = args["resume"] or args["init"]
+    if args["resume"]:
+        run.args, run.state = merge_resumed_settings(args, given)
+    run.config, run.config_name = model_config(run.args, given, source_folder)
+    run.args["config"] = run.config_name
+    if run.args["out"] is None:
+        run.args["out"] = os.path.join("checkpoints", run.config_name)
+    run.out = run.args["out"]
+    if run.args["seq_len"] > run.config.max_position_embeddings:
+        raise RunError(f"--seq-len {run.args['seq_len']} exceeds the model's max_position_embeddings "
+                       f"{run.config.max_position_embeddings}")
+    load_data(run, source_folder)
+    load_weights(run)
+    return run
+
+
+def model_config(args, given, source_folder):
+    """(Config, its name): the checkpoint's with --resume/--init, else the --config preset."""
+    if not source_folder:
+        return albor.get_config(args["config"]), args["config"]
+    config = checkpoint.load_config(source_folder)
+    if "config" in given and albor.get_config(args["config"]) != config:
+        raise RunError(f"--config {args['config']} contradicts {os.path.join(source_folder, 'config.json')} "
+                       "(the model's shape comes from the checkpoint; drop --config)")
+    name = os.path.basename(os.path.normpath(source_folder))
+    return config, next((n for n, c in albor.PRESETS.items() if c == config), name)
+
+
+def load_data(run, source_folder):
+    """The tokenizer, the validation and training rows, the schedule and their provenance."""
+    args, config = run.args, run.config
+    run.corpus = Corpus(args["data"])
+    run.tok, run.tok_data, run.tok_origin = get_tokenizer(args, config, run.corpus, source_folder)
+    if args["resume"] and args["tokenizer"]:
+        saved_tok = (Path(args["resume"]) / TOKENIZER_FILE).read_bytes()
+        if sha256_hex(saved_tok) != sha256_hex(run.tok_data):
+            raise RunError(f"--tokenizer {args['tokenizer']} is not the tokenizer of the resumed run "
+                           f"({os.path.join(args['resume'], TOKENIZER_FILE)})")
+    data_start = time.perf_counter()
+    run.val_texts, train_texts = take_documents(run.corpus, args)
+    run.train_inputs, run.train_targets = make_rows(run.tok, train_texts, args["seq_len"])
+    run.val_inputs, run.val_targets = make_rows(run.tok, run.val_texts, args["seq_len"])
+    run.data_seconds = time.perf_counter() - data_start
+    run.steps_per_pass = max(1, len(run.train_inputs) // (args["batch_size"] * args["grad_accum"]))
+    run.max_steps = args["max_steps"] or run.steps_per_pass
+    run.warmup = args["warmup"] if args["warmup"] is not None else albor.default_warmup(run.max_steps)
+    run.min_lr = args["min_lr"] if args["min_lr"] is not None else args["lr"] / 10
+    run.tokens_per_step = args["batch_size"] * args["grad_accum"] * args["seq_len"]
+    run.provenance = {
+        "data": run.corpus.description,
+        "train_rows": len(run.train_inputs), "val_rows": len(run.val_inputs),
+        "train_rows_sha256": sha256_hex(run.train_inputs.tobytes() + run.train_targets.tobytes()),
+        "val_rows_sha256": sha256_hex(run.val_inputs.tobytes() + run.val_targets.tobytes()),
+        "tokenizer_sha256": sha256_hex(run.tok_data),
+        "config_sha256": sha256_hex(json.dumps(checkpoint.config_to_hf(config), sort_keys=True).encode()),
+        "skipped_documents": run.corpus.skipped,
+    }
+
+
+def load_weights(run):
+    """Weights and optimizer: the resumed run's, or --init's weights, or fresh ones."""
+    args, state = run.args, run.state
+    run.loss_curve, run.timing, run.start_step = [], {}, 0
+    if args["resume"]:
+        _, run.params, run.start_step = checkpoint.load_checkpoint(args["resume"])
+        if run.start_step != state["step"]:
+            raise RunError(f"{os.path.join(args['resume'], TRAINER_STATE)} is at step {state['step']} but "
+                           f"model.safetensors at step {run.start_step} (an interrupted save?)")
+        if state.get("provenance", {}).get("train_rows_sha256") != run.provenance["train_rows_sha256"]:
+            raise RunError(f"the training rows differ from those of the run saved in {args['resume']} "
+                           "(has the data changed?); --resume needs the same rows")
+        run.optimizer = checkpoint.load_optimizer(args["resume"], run.params, step=run.start_step,
+                                                  optimizer_class=cpu.FastAdamW)
+        run.optimizer.beta1, run.optimizer.beta2 = args["beta1"], args["beta2"]
+        run.optimizer.eps, run.optimizer.weight_decay = args["eps"], args["weight_decay"]
+        run.loss_curve = list(state.get("loss_curve", []))[:run.start_step]
+        run.timing = dict(state.get("timing", {}))
+    else:
+        if args["init"]:
+            _, run.params, _ = checkpoint.load_checkpoint(args["init"])
+        else:
+            run.params = albor.init_params(run.config, seed=args["seed"])
+        run.optimizer = cpu.FastAdamW(run.params, betas=(args["beta1"], args["beta2"]), eps=args["eps"],
+                                      weight_decay=args["weight_decay"])
+    gpu.configure(matmul_dtype=args["dtype"])   # fp32 unless --dtype (GPU only)
+    run.scaler = gpu.LossScaler() if args["dtype"] == "fp16" else None
+    if run.scaler and state and state.get("loss_scaler"):
+        run.scaler.load_state(state["loss_scaler"])
+    run.workers = cpu.DataParallel(cpu.cpu_workers())
+
+
+def print_setup(run):
+    args, workers = run.args, run.workers
+    on = f"{albor.BACKEND}, {workers.workers} worker threads" if workers.workers > 1 else albor.BACKEND
+    print(f"albor {run.config_name}: {albor.param_count(run.config):,} parameters on {on}; "
+          f"data: {run.corpus.description}")
+    print(f"tokenizer: {run.tok_origin}, {run.tok.vocab_size:,} tokens")
+    if args["eval_only"]:
+        print(f"evaluating {args['resume']} (step {run.start_step})")
+        return
+    counted = int((run.train_targets != albor.IGNORE_INDEX).sum())
+    print(f"{len(run.train_inputs)} training rows, {len(run.val_inputs)} validation rows, "
+          f"{args['seq_len']} tokens each ({counted:,} non-pad training targets); "
+          f"{run.max_steps} steps of {args['grad_accum']} x {args['batch_size']} rows "
+          f"(one pass = {run.steps_per_pass} steps); lr {args['lr']:g} warmup {run.warmup} "
+          f"min-lr {run.min_lr:g}")
+    if run.start_step:
+        print(f"resuming {args['resume']} at step {run.start_step}")
+    if run.start_step >= run.max_steps:
+        print(f"note: the run is already at step {run.start_step} of {run.max_steps}; nothing to train")
+
+
+def start_metrics_log(run):
+    """metrics.jsonl in the run folder: the resumed run's lines up to its step, then ours."""
+    os.makedirs(run.out, exist_ok=True)
+    old_lines = []
+    resumed = os.path.join(run.args["resume"] or "", METRICS)
+    if run.args["resume"] and os.path.exists(resumed):
+        with open(resumed, encoding="utf-8") as f:
+            for line in f:
+                try:
+                    if json.loads(line)["step"] <= run.start_step:
+                        old_lines.append(line if line.endswith("\n") else line + "\n")
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    pass   # a line cut by a crash
+    checkpoint.atomic_write_bytes(os.path.join(run.out, METRICS), "".join(old_lines).encode("utf-8"))
+    same_folder = run.args["resume"] and os.path.abspath(run.out) == os.path.abspath(run.args["resume"])
+    run.last_saved = run.start_step if same_folder else None
+
+
+def save(run, step, val_loss=None, finished=False, parse=None):
+    """Write the checkpoint (atomically) for the state after `step` optimizer steps."""
+    save_start = time.perf_counter()
+    curve, timing = run.loss_curve, run.timing
+    trainer_state = {"step": step, "args": run.args, "loss_curve": curve, "timing": timing,
+                     "provenance": run.provenance,
+                     "loss_scaler": run.scaler.state() if run.scaler else None}
+    final_model = {
+        "config": run.config_name, "finished": finished, "steps": step, "max_steps": run.max_steps,
+        "warmup": run.warmup, "lr": run.args["lr"], "min_lr": run.min_lr,
+        "final_loss": curve[-1] if curve else None, "best_loss": min(curve) if curve else None,
+        "perplexity": perplexity(curve[-1]) if curve else None,
+        "val_loss": val_loss, "val_perplexity": perplexity(val_loss),
+        "parse_rate": parse["parse_rate"] if parse else None, "parse_eval": parse,
+        "loss_curve": curve, "tokens": step * run.tokens_per_step,
+        "timing": timing, "provenance": run.provenance, "args": run.args,
+    }
+    extra = {TOKENIZER_FILE: run.tok_data,
+             TRAINER_STATE: (json.dumps(trainer_state, indent=1) + "\n").encode(),
+             FINAL_MODEL: (json.dumps(final_model, indent=1) + "\n").encode()}
+    checkpoint.save_checkpoint(run.out, run.config, run.params, run.optimizer, step=step,
+                               extra_files=extra)
+    run.last_saved = step
+    timing["save_seconds"] = timing.get("save_seconds", 0.0) + time.perf_counter() - save_start
 
 
 class StopRequest:
@@ -506,372 +763,119 @@ class StopRequest:
                    "(press Ctrl-C again to quit without saving)")
 
 
-class Diverged(Exception):
-    """A non-finite loss or gradient norm."""
-
-
-def evaluate(params, config, inputs, targets, batch_size, workers=None):
-    """Mean loss over all non-pad target tokens of (inputs, targets), or None for no rows.
-    Each batch's rows are shared out over `workers` (an albor.DataParallel; by default one
-    per core when BLAS is single-threaded, see albor.cpu_workers)."""
-    workers = workers or albor.DataParallel(albor.cpu_workers())
-    total, count = 0.0, 0
-    for start in range(0, len(inputs), batch_size):
-        idx = albor.xp.asarray(inputs[start:start + batch_size])
-        tgt = albor.xp.asarray(targets[start:start + batch_size])
-        n_valid = int((targets[start:start + batch_size] != albor.IGNORE_INDEX).sum())
-        if n_valid == 0:
-            continue
-        total += workers.loss(params, config, idx, tgt) * n_valid
-        count += n_valid
-    return total / count if count else None
-
-
-def train_step(params, config, optimizer, inputs, targets, lr, grad_clip, step, timing, scaler=None,
-               workers=None):
-    """One optimizer step on the micro-batches inputs[m], targets[m] (each (B, T)).
-
-    Returns (loss, pre-clip gradient norm, number of non-pad targets, whether the
-    optimizer stepped). The loss
-    is the mean over the non-pad targets of all micro-batches together: a
-    micro-batch's mean loss counts with weight n_valid[m] / n_valid_step, and
-    backward's loss_scale gives its gradient the same weight, added into one
-    gradient dict (so 4 micro-batches of 4 rows = one batch of 16 rows).
-    With --dtype fp16 the scaler's scale multiplies that loss_scale too, and
-    scaler.step unscales, clips and skips the update if a gradient overflowed.
-    Phase times come from albor.PhaseClock (CUDA events on the GPU: no waiting
-    between phases; the step waits for the GPU once, at its end).
-    With workers (an albor.DataParallel) of more than one thread, each micro-batch's rows
-    are shared out over them (forward and backward run in the workers, each timed by its
-    own thread's clock), and their gradients are summed before clipping.
-    """
-    n_valid = [int((t != albor.IGNORE_INDEX).sum()) for t in targets]
-    n_valid_step = sum(n_valid)
-    loss_scale = scaler.scale if scaler else 1.0
-    parallel = workers is not None and workers.workers > 1
-    grads, loss_sum = None, 0.0
-    clock = albor.PhaseClock()
-    clock.start()
-    if parallel:
-        worker_seconds = dict(workers.seconds)
-    for m in range(len(inputs)):
-        idx, tgt = albor.xp.asarray(inputs[m]), albor.xp.asarray(targets[m])
-        weight = loss_scale * n_valid[m] / n_valid_step  # this micro-batch's share of the step
-        if parallel:
-            loss = workers.forward_backward(params, config, idx, tgt, loss_scale=weight)
-            clock.mark("forward_backward_seconds")
-        else:
-            loss, cache = albor.forward(params, config, idx, tgt)
-            clock.mark("forward_seconds")
-            if math.isfinite(loss):
-                grads = albor.backward(params, config, cache, loss_scale=weight, grads=grads)
-            del cache
-            clock.mark("backward_seconds")
-        if not math.isfinite(loss):
-            if parallel:
-                workers.gradients()  # drop the step's partial gradients
-            raise Diverged(f"the loss is {loss} at step {step} (micro-batch {m + 1} of {len(inputs)})")
-        loss_sum += loss * n_valid[m]
-    if parallel:
-        grads = workers.gradients()
-        clock.mark("backward_seconds")   # the sum of the workers' gradients
-    if scaler:
-        try:
-            grad_norm, stepped = scaler.step(optimizer, params, grads, lr, grad_clip)
-        except FloatingPointError as e:
-            raise Diverged(f"{e} (step {step})") from None
-    else:
-        grad_norm, stepped = albor.clip_grad_norm(grads, grad_clip), True
-        if not math.isfinite(grad_norm):
-            raise Diverged(f"the gradient norm is {grad_norm} at step {step}")
-        optimizer.step(params, grads, lr)
-    clock.mark("optimizer_seconds")
-    phases = clock.collect()
-    if parallel:  # split the workers' phase as their own clocks did
-        both = phases.pop("forward_backward_seconds")
-        forward_share = workers.seconds["forward"] - worker_seconds["forward"]
-        backward_share = workers.seconds["backward"] - worker_seconds["backward"]
-        phases["forward_seconds"] = both * forward_share / (forward_share + backward_share)
-        phases["backward_seconds"] += both * backward_share / (forward_share + backward_share)
-    for phase, seconds in phases.items():
-        timing[phase] += seconds
-    return loss_sum / n_valid_step, grad_norm, n_valid_step, stepped
-
-
-def perplexity(loss):
-    return math.exp(min(loss, 700.0)) if loss is not None else None
-
-
-def parse_eval(params, config, tok, val_texts, args):
-    """The parse rate (sample.parse_rate): the share of --eval-samples completions of the held-out
-    documents' first lines that ast.parse accepts, up to 128 new tokens each (fewer if the
-    context is short), seeded with --seed."""
-    max_new_tokens = min(128, config.max_position_embeddings // 2)
-    return sample.parse_rate(params, config, tok, sample.eval_prompts(val_texts), args["eval_samples"],
-                             max_new_tokens=max_new_tokens, seed=args["seed"])
-
-
-def evaluate_only(params, config, tok, val_inputs, val_targets, val_texts, args, workers):
-    """--eval-only: validation loss, perplexity and parse rate of the --resume checkpoint, printed
-    and written into final_model.json (in --out, by default the checkpoint's folder)."""
-    start = time.perf_counter()
-    val_loss = evaluate(params, config, val_inputs, val_targets, args["batch_size"], workers)
-    parse = parse_eval(params, config, tok, val_texts, args)
-    source = os.path.join(args["resume"], FINAL_MODEL)
-    final_model = read_json(source, "the run's summary") if os.path.exists(source) else {}
-    final_model.update(val_loss=val_loss, val_perplexity=perplexity(val_loss),
-                       parse_rate=parse["parse_rate"], parse_eval=parse)
-    os.makedirs(args["out"], exist_ok=True)
-    albor.atomic_write_bytes(os.path.join(args["out"], FINAL_MODEL),
-                             (json.dumps(final_model, indent=1) + "\n").encode())
-    if val_loss is not None:
-        print(f"validation loss {val_loss:.4f} (perplexity {perplexity(val_loss):,.1f}) on {len(val_inputs)} rows")
-    else:
-        print("validation: none (--val-rows 0)")
-    print(sample.describe_parse_rate(parse))
-    print(f"evaluated in {time.perf_counter() - start:.1f} s; written to {os.path.join(args['out'], FINAL_MODEL)}")
-    return 0
-
-
-# -----------------------------------------------------------------------------
-# The run
-
-
-def main(argv=None):
-    try:
-        return run(argv)
-    except (RunError, albor.CheckpointError) as e:
-        raise SystemExit(f"train.py: error: {e}") from None
-    except KeyboardInterrupt:   # Ctrl-C before the training loop (which handles its own)
-        raise SystemExit("train.py: interrupted before training started; nothing was saved") from None
-
-
-def run(argv):
-    wall_start = time.perf_counter()
-    args, given = parse_settings(argv)
-    albor.keep_freed_memory()  # the CPU step's temporaries are reused, not page-faulted in anew
-    state = None
-
-    # --- model shape and starting weights --------------------------------------------------
-    source_folder = args["resume"] or args["init"]
-    if args["resume"]:
-        args, state = merge_resumed_settings(args, given)
-    if source_folder:
-        config = albor.load_config(source_folder)
-        if "config" in given and albor.get_config(args["config"]) != config:
-            raise RunError(f"--config {args['config']} contradicts {os.path.join(source_folder, 'config.json')} "
-                           "(the model's shape comes from the checkpoint; drop --config)")
-        name = os.path.basename(os.path.normpath(source_folder))
-        config_name = next((n for n, c in albor.PRESETS.items() if c == config), name)
-    else:
-        config = albor.get_config(args["config"])
-        config_name = args["config"]
-    args["config"] = config_name
-    if args["out"] is None:
-        args["out"] = os.path.join("checkpoints", config_name)
-    out = args["out"]
-    if args["seq_len"] > config.max_position_embeddings:
-        raise RunError(f"--seq-len {args['seq_len']} exceeds the model's max_position_embeddings "
-                       f"{config.max_position_embeddings}")
-
-    # --- data and tokenizer ----------------------------------------------------------------
-    corpus = Corpus(args["data"])
-    tok, tok_data, tok_origin = get_tokenizer(args, config, corpus, source_folder)
-    if args["resume"] and args["tokenizer"]:
-        saved_tok = (Path(args["resume"]) / TOKENIZER_FILE).read_bytes()
-        if sha256_hex(saved_tok) != sha256_hex(tok_data):
-            raise RunError(f"--tokenizer {args['tokenizer']} is not the tokenizer of the resumed run "
-                           f"({os.path.join(args['resume'], TOKENIZER_FILE)})")
-    data_start = time.perf_counter()
-    val_texts, train_texts = take_documents(corpus, args)
-    train_inputs, train_targets = make_rows(tok, train_texts, args["seq_len"])
-    val_inputs, val_targets = make_rows(tok, val_texts, args["seq_len"])
-    data_seconds = time.perf_counter() - data_start
-    n_train = len(train_inputs)
-    steps_per_pass = max(1, n_train // (args["batch_size"] * args["grad_accum"]))
-    max_steps = args["max_steps"] or steps_per_pass
-    warmup = args["warmup"] if args["warmup"] is not None else albor.default_warmup(max_steps)
-    min_lr = args["min_lr"] if args["min_lr"] is not None else args["lr"] / 10
-    provenance = {
-        "data": corpus.description,
-        "train_rows": n_train, "val_rows": len(val_inputs),
-        "train_rows_sha256": sha256_hex(np.ascontiguousarray(train_inputs).tobytes()
-                                        + np.ascontiguousarray(train_targets).tobytes()),
-        "val_rows_sha256": sha256_hex(val_inputs.tobytes() + val_targets.tobytes()),
-        "tokenizer_sha256": sha256_hex(tok_data),
-        "config_sha256": sha256_hex(json.dumps(albor.config_to_hf(config), sort_keys=True).encode()),
-        "skipped_documents": corpus.skipped,
-    }
-
-    # --- parameters and optimizer ----------------------------------------------------------
-    loss_curve, timing = [], {}
-    if args["resume"]:
-        _, params, start_step = albor.load_checkpoint(args["resume"])
-        if start_step != state["step"]:
-            raise RunError(f"{os.path.join(args['resume'], TRAINER_STATE)} is at step {state['step']} but "
-                           f"model.safetensors at step {start_step} (an interrupted save?)")
-        saved_provenance = state.get("provenance", {})
-        if saved_provenance.get("train_rows_sha256") != provenance["train_rows_sha256"]:
-            raise RunError(f"the training rows differ from those of the run saved in {args['resume']} "
-                           "(has the data changed?); --resume needs the same rows")
-        optimizer = albor.load_optimizer(args["resume"], params, step=start_step)
-        optimizer.beta1, optimizer.beta2 = args["beta1"], args["beta2"]
-        optimizer.eps, optimizer.weight_decay = args["eps"], args["weight_decay"]
-        loss_curve = list(state.get("loss_curve", []))[:start_step]
-        timing = dict(state.get("timing", {}))
-    else:
-        start_step = 0
-        if args["init"]:
-            _, params, _ = albor.load_checkpoint(args["init"])
-        else:
-            params = albor.init_params(config, seed=args["seed"])
-        optimizer = albor.AdamW(params, betas=(args["beta1"], args["beta2"]), eps=args["eps"],
-                                weight_decay=args["weight_decay"])
-
-    albor.set_matmul_dtype(args["dtype"])   # fp32 unless --dtype (GPU only)
-    scaler = albor.LossScaler() if args["dtype"] == "fp16" else None
-    if scaler and state and state.get("loss_scaler"):
-        scaler.load_state(state["loss_scaler"])
-    workers = albor.DataParallel(albor.cpu_workers())
-    on = f"{albor.BACKEND}, {workers.workers} worker threads" if workers.workers > 1 else albor.BACKEND
-    print(f"albor {config_name}: {albor.param_count(config):,} parameters on {on}; "
-          f"data: {corpus.description}")
-    print(f"tokenizer: {tok_origin}, {tok.vocab_size:,} tokens")
-    if args["eval_only"]:
-        print(f"evaluating {args['resume']} (step {start_step})")
-        return evaluate_only(params, config, tok, val_inputs, val_targets, val_texts, args, workers)
-    tokens_per_step = args["batch_size"] * args["grad_accum"] * args["seq_len"]
-    print(f"{n_train} training rows, {len(val_inputs)} validation rows, {args['seq_len']} tokens each "
-          f"({int((train_targets != albor.IGNORE_INDEX).sum()):,} non-pad training targets); "
-          f"{max_steps} steps of {args['grad_accum']} x {args['batch_size']} rows "
-          f"(one pass = {steps_per_pass} steps); lr {args['lr']:g} warmup {warmup} min-lr {min_lr:g}")
-    if start_step:
-        print(f"resuming {args['resume']} at step {start_step}")
-    if start_step >= max_steps:
-        print(f"note: the run is already at step {start_step} of {max_steps}; nothing to train")
-
-    # --- metrics log: the resumed run's lines up to its step, then ours ----------------------
-    os.makedirs(out, exist_ok=True)
-    old_lines = []
-    if args["resume"] and os.path.exists(os.path.join(args["resume"], METRICS)):
-        with open(os.path.join(args["resume"], METRICS), encoding="utf-8") as f:
-            for line in f:
-                try:
-                    if json.loads(line)["step"] <= start_step:
-                        old_lines.append(line if line.endswith("\n") else line + "\n")
-                except (json.JSONDecodeError, KeyError, TypeError):
-                    pass   # a line cut by a crash
-    albor.atomic_write_bytes(os.path.join(out, METRICS), "".join(old_lines).encode("utf-8"))
-
-    last_saved = start_step if args["resume"] and os.path.abspath(out) == os.path.abspath(args["resume"]) else None
-
-    def save(step, val_loss=None, finished=False, parse=None):
-        """Write the checkpoint (atomically) for the state after `step` optimizer steps."""
-        nonlocal last_saved
-        save_start = time.perf_counter()
-        trainer_state = {"step": step, "args": args, "loss_curve": loss_curve,
-                         "timing": timing, "provenance": provenance,
-                         "loss_scaler": scaler.state() if scaler else None}
-        final_model = {
-            "config": config_name, "finished": finished, "steps": step, "max_steps": max_steps,
-            "warmup": warmup, "lr": args["lr"], "min_lr": min_lr,
-            "final_loss": loss_curve[-1] if loss_curve else None,
-            "best_loss": min(loss_curve) if loss_curve else None,
-            "perplexity": perplexity(loss_curve[-1]) if loss_curve else None,
-            "val_loss": val_loss, "val_perplexity": perplexity(val_loss),
-            "parse_rate": parse["parse_rate"] if parse else None, "parse_eval": parse,
-            "loss_curve": loss_curve, "tokens": step * tokens_per_step,
-            "timing": timing, "provenance": provenance, "args": args,
-        }
-        extra = {TOKENIZER_FILE: tok_data,
-                 TRAINER_STATE: (json.dumps(trainer_state, indent=1) + "\n").encode(),
-                 FINAL_MODEL: (json.dumps(final_model, indent=1) + "\n").encode()}
-        albor.save_checkpoint(out, config, params, optimizer, step=step, extra_files=extra)
-        last_saved = step
-        timing["save_seconds"] = timing.get("save_seconds", 0.0) + time.perf_counter() - save_start
-
-    # --- the loop ----------------------------------------------------------------------------
+def train_loop(run):
+    """Steps from run.start_step until max_steps or a Ctrl-C; returns (last step, stopped)."""
     for key in ("train_seconds", "forward_seconds", "backward_seconds", "optimizer_seconds",
                 "attention_seconds", "other_layers_seconds", "data_seconds"):
-        timing.setdefault(key, 0.0)
-    timing["data_seconds"] += data_seconds
+        run.timing.setdefault(key, 0.0)
+    run.timing["data_seconds"] += run.data_seconds
     stop = StopRequest()
     in_main_thread = threading.current_thread() is threading.main_thread()
     previous_handler = signal.signal(signal.SIGINT, stop) if in_main_thread else None
-    step = start_step
-    bar = tqdm(total=max_steps, initial=start_step, unit="step", dynamic_ncols=True)
+    # a layer clock on the CPU only: on a GPU it would have to wait for every layer
+    layer_clock = cpu.LayerClock() if albor.BACKEND == "numpy" else None
+    step = run.start_step
+    bar = tqdm(total=run.max_steps, initial=step, unit="step", dynamic_ncols=True)
     try:
-        with LayerClock() as clock, open(os.path.join(out, METRICS), "a", encoding="utf-8") as metrics:
-            while step < max_steps and not stop.requested:
-                step_start = time.perf_counter()
-                s = step + 1
-                lr = albor.lr_at(s, max_steps, args["lr"], warmup, min_lr)
-                micro_rows = np.stack([micro_batch_rows(s, m, args, n_train)
-                                       for m in range(args["grad_accum"])])      # (grad_accum, B)
-                attention_before, other_before = clock.seconds["attention"], clock.seconds["other"]
-                scale = scaler.scale if scaler else None
-                step_loss, grad_norm, n_valid_step, stepped = train_step(
-                    params, config, optimizer, train_inputs[micro_rows], train_targets[micro_rows],
-                    lr, args["grad_clip"], s, timing, scaler, workers)
-                if not stepped:
-                    tqdm.write(f"step {s}: a gradient overflowed in fp16 at loss scale {scale:g}; "
-                               f"step skipped, loss scale now {scaler.scale:g}")
-                step_end = time.perf_counter()
-                timing["train_seconds"] += step_end - step_start
-                # the layer clock adds up every worker thread's time: per thread, on average
-                threads = len(albor.row_shards(args["batch_size"], workers.workers))
-                timing["attention_seconds"] += (clock.seconds["attention"] - attention_before) / threads
-                timing["other_layers_seconds"] += (clock.seconds["other"] - other_before) / threads
-                step = s
-                loss_curve.append(step_loss)
-                record = {"step": s, "loss": step_loss, "lr": lr, "grad_norm": grad_norm,
-                          "tokens": tokens_per_step, "valid_tokens": n_valid_step,
-                          "seconds": step_end - step_start}
-                if scaler:
-                    record.update(loss_scale=scale, skipped=not stepped)
+        with layer_clock or contextlib.nullcontext(), \
+                open(os.path.join(run.out, METRICS), "a", encoding="utf-8") as metrics:
+            while step < run.max_steps and not stop.requested:
+                step += 1
+                record = one_step(run, step, layer_clock)
                 metrics.write(json.dumps(record) + "\n")
                 metrics.flush()
                 bar.update(1)
-                bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}",
-                                tok_s=f"{tokens_per_step / (step_end - step_start):.0f}")
-                if args["save_every"] and step % args["save_every"] == 0 and step < max_steps:
-                    save(step)
+                bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
+                                tok_s=f"{run.tokens_per_step / record['seconds']:.0f}")
+                if run.args["save_every"] and step % run.args["save_every"] == 0 and step < run.max_steps:
+                    save(run, step)
     except Diverged as e:
-        kept = (f"the last good checkpoint (step {last_saved}) stays in {out}" if last_saved is not None
-                else f"no checkpoint of this run was saved ({out} is left as it was)")
+        kept = (f"the last good checkpoint (step {run.last_saved}) stays in {run.out}"
+                if run.last_saved is not None else f"no checkpoint of this run was saved ({run.out} is left as it was)")
         raise RunError(f"{e}; stopping: {kept}") from None
     except KeyboardInterrupt:
-        kept = (f"the last checkpoint (step {last_saved}) stays in {out}" if last_saved is not None
-                else "nothing was saved")
+        kept = (f"the last checkpoint (step {run.last_saved}) stays in {run.out}"
+                if run.last_saved is not None else "nothing was saved")
         raise SystemExit(f"train.py: interrupted; {kept}") from None
     finally:
         bar.close()
         if in_main_thread:
             signal.signal(signal.SIGINT, previous_handler)
+    return step, stop.requested and step < run.max_steps
 
-    if stop.requested and step < max_steps:
-        save(step)
-        print(f"stopped at step {step} of {max_steps}; saved a checkpoint in {out}. "
-              f"Continue with: python train.py --resume {out}")
-        return 0
 
-    # --- the end: validation, checkpoint, summary --------------------------------------------
+def one_step(run, step, layer_clock):
+    """Optimizer step number `step` (1-based): its rows, train_step, the timing; returns its
+    metrics.jsonl record."""
+    args, timing = run.args, run.timing
+    step_start = time.perf_counter()
+    lr = albor.lr_at(step, run.max_steps, args["lr"], run.warmup, run.min_lr)
+    rows = np.stack([micro_batch_rows(step, m, args, len(run.train_inputs))
+                     for m in range(args["grad_accum"])])      # (grad_accum, B)
+    scale = run.scaler.scale if run.scaler else None
+    loss, grad_norm, n_valid, stepped = train_step(
+        run.params, run.config, run.optimizer, run.train_inputs[rows], run.train_targets[rows],
+        lr, args["grad_clip"], step, timing, run.scaler, run.workers)
+    if not stepped:
+        tqdm.write(f"step {step}: a gradient overflowed in fp16 at loss scale {scale:g}; "
+                   f"step skipped, loss scale now {run.scaler.scale:g}")
+    seconds = time.perf_counter() - step_start
+    timing["train_seconds"] += seconds
+    if layer_clock:  # the layer clock adds up every worker thread's time: per thread, on average
+        threads = len(cpu.row_shards(args["batch_size"], run.workers.workers))
+        layers = layer_clock.take()
+        attention = layers.pop("attention", 0.0)
+        timing["attention_seconds"] += attention / threads
+        timing["other_layers_seconds"] += sum(layers.values()) / threads
+    run.loss_curve.append(loss)
+    record = {"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
+              "tokens": run.tokens_per_step, "valid_tokens": n_valid, "seconds": seconds}
+    if run.scaler:
+        record.update(loss_scale=scale, skipped=not stepped)
+    return record
+
+
+def finish(run, step, wall_start):
+    """After the last step: validation loss, parse rate, the checkpoint, the summary."""
+    timing = run.timing
     eval_start = time.perf_counter()
-    val_loss = evaluate(params, config, val_inputs, val_targets, args["batch_size"], workers)
-    parse = parse_eval(params, config, tok, val_texts, args)
+    val_loss = evaluate(run.params, run.config, run.val_inputs, run.val_targets,
+                        run.args["batch_size"], run.workers)
+    parse = parse_eval(run.params, run.config, run.tok, run.val_texts, run.args)
     timing["eval_seconds"] = timing.get("eval_seconds", 0.0) + time.perf_counter() - eval_start
     timing["wall_seconds"] = timing.get("wall_seconds", 0.0) + time.perf_counter() - wall_start
     train_seconds = timing["train_seconds"]
-    timing["tokens_per_second"] = step * tokens_per_step / train_seconds if train_seconds else None
+    timing["tokens_per_second"] = step * run.tokens_per_step / train_seconds if train_seconds else None
     split_time(timing)
-    save(step, val_loss=val_loss, finished=True, parse=parse)
-    print_summary(config_name, step, tokens_per_step, loss_curve, val_loss, len(val_inputs), timing, out, parse)
+    save(run, step, val_loss=val_loss, finished=True, parse=parse)
+    print_summary(run.config_name, step, run.tokens_per_step, run.loss_curve, val_loss,
+                  len(run.val_inputs), timing, run.out, parse)
+
+
+def evaluate_only(run):
+    """--eval-only: validation loss, perplexity and parse rate of the --resume checkpoint, printed
+    and written into final_model.json (in --out, by default the checkpoint's folder)."""
+    args = run.args
+    start = time.perf_counter()
+    val_loss = evaluate(run.params, run.config, run.val_inputs, run.val_targets, args["batch_size"],
+                        run.workers)
+    parse = parse_eval(run.params, run.config, run.tok, run.val_texts, args)
+    source = os.path.join(args["resume"], FINAL_MODEL)
+    final_model = read_json(source, "the run's summary") if os.path.exists(source) else {}
+    final_model.update(val_loss=val_loss, val_perplexity=perplexity(val_loss),
+                       parse_rate=parse["parse_rate"], parse_eval=parse)
+    os.makedirs(args["out"], exist_ok=True)
+    checkpoint.atomic_write_bytes(os.path.join(args["out"], FINAL_MODEL),
+                                  (json.dumps(final_model, indent=1) + "\n").encode())
+    print_losses(None, val_loss, len(run.val_inputs))
+    print(sample.describe_parse_rate(parse))
+    print(f"evaluated in {time.perf_counter() - start:.1f} s; written to {os.path.join(args['out'], FINAL_MODEL)}")
     return 0
 
 
 def split_time(timing):
     """Where the training time went, as the model card reported it: matmuls, attention,
-    other layers, optimizer (attention/other measured by LayerClock on the CPU)."""
+    other layers, optimizer (attention/other measured by cpu.LayerClock on the CPU)."""
     layers = timing["attention_seconds"] + timing["other_layers_seconds"]
     model = timing["forward_seconds"] + timing["backward_seconds"]
     if layers > 0:
@@ -879,9 +883,7 @@ def split_time(timing):
     return timing
 
 
-def print_summary(config_name, step, tokens_per_step, loss_curve, val_loss, val_rows, timing, out, parse=None):
-    train = timing["train_seconds"]
-    tokens = step * tokens_per_step
+def print_losses(loss_curve, val_loss, val_rows):
     if loss_curve:
         print(f"loss {loss_curve[0]:.4f} -> {loss_curve[-1]:.4f} (perplexity {perplexity(loss_curve[-1]):,.1f}), "
               f"best {min(loss_curve):.4f}")
@@ -889,6 +891,12 @@ def print_summary(config_name, step, tokens_per_step, loss_curve, val_loss, val_
         print(f"validation loss {val_loss:.4f} (perplexity {perplexity(val_loss):,.1f}) on {val_rows} rows")
     else:
         print("validation: none (--val-rows 0)")
+
+
+def print_summary(config_name, step, tokens_per_step, loss_curve, val_loss, val_rows, timing, out, parse=None):
+    train = timing["train_seconds"]
+    tokens = step * tokens_per_step
+    print_losses(loss_curve, val_loss, val_rows)
     if parse is not None:
         print(sample.describe_parse_rate(parse))
     if train:
@@ -900,10 +908,38 @@ def print_summary(config_name, step, tokens_per_step, loss_curve, val_loss, val_
         else:
             parts = [("forward", timing["forward_seconds"]), ("backward", timing["backward_seconds"]),
                      ("optimizer", timing["optimizer_seconds"])]
-        rest = train - sum(seconds for _, seconds in parts)
-        parts.append(("data/bookkeeping", rest))
+        parts.append(("data/bookkeeping", train - sum(seconds for _, seconds in parts)))
         print("time: " + ", ".join(f"{name} {seconds:.1f} s ({100 * seconds / train:.0f}%)" for name, seconds in parts))
     print(f"checkpoint: {out}")
+
+
+def main(argv=None):
+    try:
+        return execute(argv)
+    except (RunError, checkpoint.CheckpointError) as e:
+        raise SystemExit(f"train.py: error: {e}") from None
+    except KeyboardInterrupt:   # Ctrl-C before the training loop (which handles its own)
+        raise SystemExit("train.py: interrupted before training started; nothing was saved") from None
+
+
+def execute(argv):
+    """The whole run: settings, setup, the loop, and the finish (or a save when stopped)."""
+    wall_start = time.perf_counter()
+    args, given = parse_settings(argv)
+    cpu.keep_freed_memory()  # the CPU step's temporaries are reused, not page-faulted in anew
+    run = setup(args, given)
+    print_setup(run)
+    if run.args["eval_only"]:
+        return evaluate_only(run)
+    start_metrics_log(run)
+    step, stopped = train_loop(run)
+    if stopped:
+        save(run, step)
+        print(f"stopped at step {step} of {run.max_steps}; saved a checkpoint in {run.out}. "
+              f"Continue with: python train.py --resume {run.out}")
+        return 0
+    finish(run, step, wall_start)
+    return 0
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ import pytest
 
 import albor
 import bench
+import cpu
 from tests.oracles import oracle
 
 
@@ -39,7 +40,7 @@ def check_albor_figures(out, batch_size, seq_len, repeats):
     assert number_after("the matmuls of a micro-batch alone:", out) > 0
     assert "targets: albor MFU >= 80%" in out
     assert "clip the gradient norm to 1.0, AdamW lr" in out
-    assert "albor's worker threads (albor.DataParallel, as train.py):" in out
+    assert "albor's worker threads (cpu.DataParallel, as train.py):" in out
     for label in ["forward", "backward", "optimizer / 4", "step / micro-batches", "tokens/s", "MFU"]:
         assert number_after(f"\n  {label} ", out) > 0
     for kind in ["matmuls", "attention", "norms/elementwise", "cross-entropy", "optimizer"]:
@@ -73,6 +74,8 @@ def test_bench_tiny_without_pytorch(capsys, monkeypatch):
     (["--grad-accum", "0"], "must be at least 1"),
     (["--train-steps", "0"], "--train-steps must be at least 1"),
     (["--attention", "--train-steps", "2"], "separate benchmarks"),
+    (["--tokenizer", "--attention"], "separate benchmarks"),
+    (["--tokenizer", "--vocab-size", "100"], "--vocab-size at least 258"),
     (["--config", "nope"], "invalid choice"),
     (["--attention", "--seq-len", "64"], "--attention sweeps --batch-sizes and --seq-lens"),
     (["--seq-lens", "64"], "only apply with --attention"),
@@ -158,3 +161,11 @@ def test_bench_whole_run_takes_train_pys_steps_beside_pytorch(capsys):
     losses = [float(row[4]) for row in rows]
     assert abs(losses[0] - losses[1]) <= 1e-3, losses
     assert number_after("albor/PyTorch", out) > 0
+
+
+def test_bench_tokenizer_beside_hugging_face(capsys):
+    out = run_bench(["--tokenizer", "--lines", "1500", "--vocab-size", "600"], capsys)
+    assert "first 1500 lines" in out and "(600 tokens)" in out
+    assert "MB/s warm" in out
+    oracle("tokenizers")  # the comparison with Hugging Face's needs it: skipped here without it
+    assert "albor vs tokenizers" in out

@@ -1,9 +1,9 @@
 """albor's GPU path: everything a CPU can check, and (gpu-marked) what only a GPU can.
 
-On the CPU the kernel dispatch runs end to end through the emulator: with albor.USE_KERNELS
-on and albor.KERNEL_MODULE = tests/kernel_emu.EmuModule (kernels.cu compiled for the CPU),
-every layer that has a kernel calls kernels.cu through the same launch_* code a GPU runs, with
-xp = NumPy. The `kernels_on` fixture sets that up (also on a GPU machine: it pins albor to
+On the CPU the kernel dispatch runs end to end through the emulator: with
+`gpu.settings(kernels=gpu.Kernels(tests/kernel_emu.EmuModule, numpy))` (kernels.cu compiled for
+the CPU), every layer that has a kernel calls kernels.cu through the same launch code a GPU
+runs, with xp = NumPy. The `kernels_on` fixture sets that up (also on a GPU machine: it pins albor to
 NumPy for the test).
 
 Tolerances: "close" means max |got - want| <= tol * max |want| per tensor. The kernel path
@@ -19,6 +19,8 @@ import numpy as np
 import pytest
 
 import albor
+import gpu
+import train
 from tests.kernel_emu import KERNELS_CU, EmuModule, parse_kernels
 
 KERNEL_NAMES = set(parse_kernels(KERNELS_CU.read_text()))
@@ -48,17 +50,16 @@ def numpy_backend(monkeypatch):
     """albor on NumPy for this test, whatever machine runs it."""
     monkeypatch.setattr(albor, "xp", np)
     monkeypatch.setattr(albor, "BACKEND", "numpy")
-    monkeypatch.setattr(albor, "USE_KERNELS", False)
-    monkeypatch.setattr(albor, "MATMUL_DTYPE", "fp32")
+    with gpu.settings(kernels=None, matmul_dtype="fp32"):
+        yield
 
 
 @pytest.fixture
 def kernels_on(numpy_backend, emulator, monkeypatch):
     """albor's GPU dispatch switched on, with the CPU emulator as the compiled kernels.cu."""
     recorder = Recorder(emulator)
-    monkeypatch.setattr(albor, "KERNEL_MODULE", recorder)
-    monkeypatch.setattr(albor, "USE_KERNELS", True)
-    return recorder
+    with gpu.settings(kernels=gpu.Kernels(recorder, np)):
+        yield recorder
 
 
 def close(got, want, tol=TOL, what=""):
@@ -85,10 +86,6 @@ def loss_and_grads(params, config, idx, targets, loss_scale=1.0, grads=None):
     return loss, albor.backward(params, config, cache, loss_scale=loss_scale, grads=grads)
 
 
-def set_kernels(monkeypatch, on):
-    monkeypatch.setattr(albor, "USE_KERNELS", on)
-
-
 # ============================================================================================
 # 1. The kernel dispatch, end to end on the CPU emulator
 # ============================================================================================
@@ -101,9 +98,9 @@ def test_whole_model_through_the_kernels_matches_the_reference(kernels_on, monke
     idx, targets = batch(config)
     loss_k, grads_k = loss_and_grads(params, config, idx, targets)
     assert set(kernels_on.launched) == KERNEL_NAMES - {"adamw_update"}
-    set_kernels(monkeypatch, False)
     launched = len(kernels_on.launched)
-    loss_r, grads_r = loss_and_grads(params, config, idx, targets)
+    with gpu.settings(kernels=None):
+        loss_r, grads_r = loss_and_grads(params, config, idx, targets)
     assert len(kernels_on.launched) == launched  # the switch really switches
     assert abs(loss_k - loss_r) <= TOL * abs(loss_r)
     assert list(grads_k) == list(grads_r)
@@ -123,8 +120,8 @@ def test_kernels_with_loss_scale_and_accumulation(kernels_on, monkeypatch):
         _, grads = loss_and_grads(params, config, idx1, t1, loss_scale=0.25)
         return loss_and_grads(params, config, idx2, t2, loss_scale=0.75, grads=grads)[1]
     grads_k = two_micro_batches()
-    set_kernels(monkeypatch, False)
-    grads_r = two_micro_batches()
+    with gpu.settings(kernels=None):
+        grads_r = two_micro_batches()
     for name in grads_r:
         close(grads_k[name], grads_r[name], what=name)
 
@@ -134,8 +131,8 @@ def test_logits_through_the_kernels(kernels_on, monkeypatch):
     params = albor.init_params(config, seed=7)
     idx, _ = batch(config, B=1, T=70)
     logits_k, _ = albor.forward(params, config, idx)
-    set_kernels(monkeypatch, False)
-    logits_r, _ = albor.forward(params, config, idx)
+    with gpu.settings(kernels=None):
+        logits_r, _ = albor.forward(params, config, idx)
     close(logits_k, logits_r, what="logits")
 
 
@@ -150,14 +147,13 @@ def test_training_steps_with_the_fused_adamw(kernels_on, monkeypatch):
     params_r = {name: p.copy() for name, p in params_k.items()}
     optimizer_k, optimizer_r = albor.AdamW(params_k), albor.AdamW(params_r)
     for step in range(3):
-        set_kernels(monkeypatch, True)
         idx, targets = batch(config, seed=10 + step)
         _, grads = loss_and_grads(params_k, config, idx, targets)
         albor.clip_grad_norm(grads, 1.0)
         grads_r = {name: g.copy() for name, g in grads.items()}
         optimizer_k.step(params_k, grads, lr=1e-3)
-        set_kernels(monkeypatch, False)
-        optimizer_r.step(params_r, grads_r, lr=1e-3)
+        with gpu.settings(kernels=None):
+            optimizer_r.step(params_r, grads_r, lr=1e-3)
         for name in params_r:
             close(params_k[name], params_r[name], 1e-6, f"step {step + 1}: {name}")
     assert "adamw_update" in kernels_on.launched
@@ -209,34 +205,37 @@ def test_embedding_backward_on_the_kernel_path_is_numpys_add_at_bit_for_bit(kern
     np.testing.assert_array_equal(dwte, want)
 
 
-def test_kernels_cu_is_compiled_once_per_process(numpy_backend, monkeypatch):
-    """kernel_module() builds the RawModule from kernels.cu's text on the first call only."""
+def test_kernels_cu_is_compiled_once_per_process(numpy_backend):
+    """A Kernels builds the RawModule from kernels.cu's text on its first launch only."""
     built = []
+
+    class FakeModule:
+        def get_function(self, name):
+            return name
 
     class FakeCupy:
         @staticmethod
         def RawModule(code):
             built.append(code)
-            return object()
-    monkeypatch.setattr(albor, "xp", FakeCupy)
-    monkeypatch.setattr(albor, "KERNEL_MODULE", None)
-    first = albor.kernel_module()
-    assert albor.kernel_module() is first and albor.kernel_module() is first
+            return FakeModule()
+    kernels = gpu.Kernels(xp=FakeCupy)
+    assert built == []
+    assert [kernels.function(name) for name in ("a", "b", "a")] == ["a", "b", "a"]
     assert built == [KERNELS_CU.read_text()]
 
 
 def test_albor_kernels_switch(monkeypatch):
     for value, expected in [("1", True), ("0", False), ("", True), (" 0 ", False)]:
         monkeypatch.setenv("ALBOR_KERNELS", value)
-        assert albor._kernels_setting() is expected
+        assert gpu.kernels_setting() is expected
     monkeypatch.setenv("ALBOR_KERNELS", "yes")
     with pytest.raises(ValueError, match="ALBOR_KERNELS must be 0 .* or 1"):
-        albor._kernels_setting()
+        gpu.kernels_setting()
     # on the CPU there is no GPU to run kernels on, whatever the switch says
-    result = subprocess.run([sys.executable, "-c", "import albor; print(albor.USE_KERNELS)"],
+    result = subprocess.run([sys.executable, "-c", "import albor, gpu; print(gpu.kernels())"],
                             cwd=ROOT, capture_output=True, text=True,
                             env={**os.environ, "ALBOR_DEVICE": "cpu", "ALBOR_KERNELS": "1"})
-    assert result.stdout.strip() == "False", result.stderr
+    assert result.stdout.strip() == "None", result.stderr
     result = subprocess.run([sys.executable, "-c", "import albor"], cwd=ROOT, capture_output=True,
                             text=True, env={**os.environ, "ALBOR_KERNELS": "off"})
     assert result.returncode != 0 and "ALBOR_KERNELS must be 0" in result.stderr
@@ -247,13 +246,13 @@ def test_albor_kernels_switch(monkeypatch):
 # ============================================================================================
 
 def test_dtype_other_than_fp32_needs_a_gpu(numpy_backend):
-    albor.set_matmul_dtype("fp32")
+    gpu.configure(matmul_dtype="fp32")
     for name in ("tf32", "bf16", "fp16"):
         with pytest.raises(ValueError, match=f"dtype {name} needs a GPU"):
-            albor.set_matmul_dtype(name)
+            gpu.configure(matmul_dtype=name)
     with pytest.raises(ValueError, match="one of fp32, tf32, bf16, fp16"):
-        albor.set_matmul_dtype("fp8")
-    assert albor.MATMUL_DTYPE == "fp32"
+        gpu.configure(matmul_dtype="fp8")
+    assert gpu.matmul_dtype() == "fp32"
 
 
 def test_fp32_matmul_is_the_at_operator(numpy_backend):
@@ -274,8 +273,8 @@ def cublas_gemm(op_a, op_b, m, n, k, a, lda, b, ldb, ldc):
     def stored(x, rows, cols, ld):
         flat = memory_of(x)
         return np.stack([flat[j * ld:j * ld + rows] for j in range(cols)], axis=1)  # (rows, cols)
-    A = stored(a, m, k, lda) if op_a == albor._CUBLAS_OP_N else stored(a, k, m, lda).T
-    B = stored(b, k, n, ldb) if op_b == albor._CUBLAS_OP_N else stored(b, n, k, ldb).T
+    A = stored(a, m, k, lda) if op_a == gpu.CUBLAS_OP_N else stored(a, k, m, lda).T
+    B = stored(b, k, n, ldb) if op_b == gpu.CUBLAS_OP_N else stored(b, n, k, ldb).T
     C = A.astype(np.float64) @ B
     out = np.zeros(ldc * n)
     for j in range(n):
@@ -294,7 +293,7 @@ def test_gemm_plan_maps_row_major_onto_column_major_cublas(numpy_backend, a_layo
     a = rng.standard_normal((M, K)) if a_layout == "C" else rng.standard_normal((K, M)).T
     b = {"C": rng.standard_normal((K, N)), "F": rng.standard_normal((N, K)).T,
          "strided": rng.standard_normal((K, 2 * N))[:, ::2]}[b_layout]
-    plan = albor._gemm_plan(a, b)
+    plan = gpu.gemm_plan(a, b)
     out = cublas_gemm(plan["op_b"], plan["op_a"], plan["m"], plan["n"], plan["k"], plan["b"],
                       plan["ld_b"], plan["a"], plan["ld_a"], plan["ld_out"])
     got = out.reshape(M, N)  # the row-major (M, N) output's memory
@@ -306,7 +305,7 @@ def test_gemm_plan_maps_row_major_onto_column_major_cublas(numpy_backend, a_layo
 # ============================================================================================
 
 def test_loss_scaler_halves_on_overflow_and_grows_after_clean_steps():
-    scaler = albor.LossScaler(scale=2.0 ** 16, growth_interval=3)
+    scaler = gpu.LossScaler(scale=2.0 ** 16, growth_interval=3)
     assert scaler.update(False) is False and scaler.scale == 2.0 ** 15
     assert scaler.update(False) is False and scaler.scale == 2.0 ** 14
     assert scaler.skipped == 2
@@ -315,17 +314,17 @@ def test_loss_scaler_halves_on_overflow_and_grows_after_clean_steps():
     assert [scaler.update(True) for _ in range(3)] == [True] * 3 and scaler.scale == 2.0 ** 14
     assert scaler.good_steps == 0
     state = scaler.state()
-    other = albor.LossScaler()
+    other = gpu.LossScaler()
     other.load_state(state)
     assert other.state() == state == {"scale": 2.0 ** 14, "good_steps": 0, "skipped": 3}
 
 
 def test_loss_scaler_refuses_bad_settings_and_stops_at_its_floor():
     with pytest.raises(ValueError, match="power of two"):
-        albor.LossScaler(scale=1000.0)
+        gpu.LossScaler(scale=1000.0)
     with pytest.raises(ValueError, match="growth_interval"):
-        albor.LossScaler(growth_interval=0)
-    scaler = albor.LossScaler(scale=2.0)
+        gpu.LossScaler(growth_interval=0)
+    scaler = gpu.LossScaler(scale=2.0)
     assert scaler.update(False) is False and scaler.scale == 1.0
     with pytest.raises(FloatingPointError, match="overflow even at loss scale 1"):
         scaler.update(False)
@@ -340,7 +339,7 @@ def test_unscaled_gradients_equal_the_fp32_ones(path, request, monkeypatch):
     params = albor.init_params(config, seed=11)
     idx, targets = batch(config)
     _, plain = loss_and_grads(params, config, idx, targets)
-    scaler = albor.LossScaler(scale=2.0 ** 16)
+    scaler = gpu.LossScaler(scale=2.0 ** 16)
     _, scaled = loss_and_grads(params, config, idx, targets, loss_scale=scaler.scale)
     assert float(np.abs(scaled["model.norm.weight"]).max()) > 1000 * float(
         np.abs(plain["model.norm.weight"]).max())
@@ -351,19 +350,19 @@ def test_unscaled_gradients_equal_the_fp32_ones(path, request, monkeypatch):
 
 @pytest.mark.parametrize("bad", [np.inf, -np.inf, np.nan])
 def test_an_overflowing_step_is_skipped_and_a_clean_one_is_the_fp32_step(numpy_backend, bad):
-    """LossScaler.step, train.py's fp16 update: with an inf or NaN in one gradient nothing
+    """train.apply_update with a LossScaler, train.py's fp16 update: with an inf or NaN in one gradient nothing
     moves (weights, m, v, the update count) and the scale halves; with clean gradients it is
     exactly clip + AdamW on the unscaled gradients."""
     config = albor.get_config("tiny")
     params = albor.init_params(config, seed=12)
     idx, targets = batch(config)
-    scaler = albor.LossScaler(scale=2.0 ** 10, growth_interval=2)
+    scaler = gpu.LossScaler(scale=2.0 ** 10, growth_interval=2)
     optimizer = albor.AdamW(params)
     before = {name: p.copy() for name, p in params.items()}
 
     _, grads = loss_and_grads(params, config, idx, targets, loss_scale=scaler.scale)
     grads["model.layers.1.mlp.up_proj.weight"][3, 5] = bad
-    norm, stepped = scaler.step(optimizer, params, grads, lr=1e-3, max_norm=1.0)
+    norm, stepped = train.apply_update(optimizer, params, grads, 1e-3, 1.0, scaler, 1)
     assert not stepped and not math.isfinite(norm)
     assert scaler.scale == 2.0 ** 9 and scaler.skipped == 1 and optimizer.t == 0
     for name in params:
@@ -374,7 +373,7 @@ def test_an_overflowing_step_is_skipped_and_a_clean_one_is_the_fp32_step(numpy_b
     twin_optimizer = albor.AdamW(twin)
     for _ in range(2):
         _, grads = loss_and_grads(params, config, idx, targets, loss_scale=scaler.scale)
-        norm, stepped = scaler.step(optimizer, params, grads, lr=1e-3, max_norm=1.0)
+        norm, stepped = train.apply_update(optimizer, params, grads, 1e-3, 1.0, scaler, 1)
         _, plain = loss_and_grads(twin, config, idx, targets)
         plain_norm = albor.clip_grad_norm(plain, 1.0)
         twin_optimizer.step(twin, plain, lr=1e-3)
@@ -385,7 +384,6 @@ def test_an_overflowing_step_is_skipped_and_a_clean_one_is_the_fp32_step(numpy_b
 
 
 def test_train_py_dtype_needs_a_gpu(numpy_backend, capsys):
-    import train
     with pytest.raises(SystemExit):
         train.parse_settings(["--dtype", "fp16"])
     assert "--dtype fp16 needs a GPU" in capsys.readouterr().err
@@ -397,7 +395,6 @@ def test_train_step_with_the_loss_scaler(numpy_backend, monkeypatch):
     """train.py's step with --dtype fp16's scaler (here on fp32 matmuls, which a CPU has):
     the same weights as the unscaled step; with an overflowing gradient injected into
     backward's result, no update, the step reported as not taken, the scale halved."""
-    import train
     config = albor.get_config("tiny")
     rng = np.random.default_rng(13)
     inputs = rng.integers(0, config.vocab_size, (2, 3, 20))     # 2 micro-batches of 3 rows
@@ -405,7 +402,7 @@ def test_train_step_with_the_loss_scaler(numpy_backend, monkeypatch):
     targets[1, 0, 10:] = albor.IGNORE_INDEX
     timing = {"forward_seconds": 0.0, "backward_seconds": 0.0, "optimizer_seconds": 0.0}
     runs = []
-    for scaler in (None, albor.LossScaler()):
+    for scaler in (None, gpu.LossScaler()):
         params = albor.init_params(config, seed=14)
         optimizer = albor.AdamW(params)
         result = train.train_step(params, config, optimizer, inputs, targets, 1e-3, 1.0, 1,
@@ -424,7 +421,7 @@ def test_train_step_with_the_loss_scaler(numpy_backend, monkeypatch):
         grads["model.norm.weight"][0] = np.inf
         return grads
     monkeypatch.setattr(albor, "backward", overflowing_backward)
-    scaler = albor.LossScaler()
+    scaler = gpu.LossScaler()
     before = {name: p.copy() for name, p in scaled_params.items()}
     loss, norm, _, stepped = train.train_step(scaled_params, config, optimizer, inputs, targets,
                                               1e-3, 1.0, 2, timing, scaler)
@@ -443,7 +440,7 @@ def test_train_step_with_the_loss_scaler(numpy_backend, monkeypatch):
 # ============================================================================================
 
 def test_phase_clock_adds_up_phases_over_steps(numpy_backend):
-    clock = albor.PhaseClock()
+    clock = gpu.PhaseClock()
     for _ in range(2):
         clock.start()
         sum(range(10000))
@@ -459,9 +456,9 @@ def test_phase_clock_adds_up_phases_over_steps(numpy_backend):
 
 def test_docstring_examples_of_the_gpu_section():
     import doctest
-    for obj in (albor.LossScaler, albor.PhaseClock):
+    for obj in (gpu.LossScaler, gpu.PhaseClock):
         runner = doctest.DocTestRunner()
-        tests = doctest.DocTestFinder().find(obj, globs=vars(albor))
+        tests = doctest.DocTestFinder().find(obj, globs=vars(gpu))
         assert sum(len(test.examples) for test in tests) >= 2, obj.__name__
         for test in tests:
             runner.run(test)
@@ -487,14 +484,14 @@ def test_gpu_kernel_path_matches_the_reference_path(config, B, T, monkeypatch):
     """cupy.RawModule kernels vs ALBOR_KERNELS=0's reference code on the same GPU: loss and
     every gradient within 1e-4 (the GPU's __expf and FMA contraction differ in the last bits),
     and logits without targets."""
-    assert albor.BACKEND == "cupy" and albor.USE_KERNELS
+    assert albor.BACKEND == "cupy" and gpu.kernels() is not None
     params = albor.init_params(config, seed=1)
     idx, targets = gpu_batch(config, B, T, seed=2)
     loss_k, grads_k = loss_and_grads(params, config, idx, targets)
     logits_k, _ = albor.forward(params, config, idx)
-    set_kernels(monkeypatch, False)
-    loss_r, grads_r = loss_and_grads(params, config, idx, targets)
-    logits_r, _ = albor.forward(params, config, idx)
+    with gpu.settings(kernels=None):
+        loss_r, grads_r = loss_and_grads(params, config, idx, targets)
+        logits_r, _ = albor.forward(params, config, idx)
     assert abs(loss_k - loss_r) <= 1e-5 * abs(loss_r)
     close(logits_k, logits_r, 1e-4, "logits")
     for name in grads_r:
@@ -507,9 +504,9 @@ def test_gpu_fp32_training_is_deterministic():
     reductions and sorts, fused AdamW): the same bytes. The kernels are compiled once."""
     config = albor.Config(vocab_size=2048, hidden_size=128, num_hidden_layers=2,
                           num_attention_heads=4, num_key_value_heads=2, intermediate_size=384)
-    module = albor.kernel_module()
+    kernels = gpu.kernels()
 
-    def train():
+    def run_steps():
         params = albor.init_params(config, seed=5)
         optimizer = albor.AdamW(params)
         for step in range(3):
@@ -518,8 +515,8 @@ def test_gpu_fp32_training_is_deterministic():
             albor.clip_grad_norm(grads, 1.0)
             optimizer.step(params, grads, lr=1e-3)
         return {name: albor.to_numpy(p).tobytes() for name, p in params.items()}
-    assert train() == train()
-    assert albor.kernel_module() is module
+    assert run_steps() == run_steps()
+    assert gpu.kernels() is kernels and kernels.module is not None
 
 
 @pytest.mark.gpu
@@ -551,7 +548,7 @@ def test_gpu_matmul_precisions(name, tol):
     errors = {}
     try:
         for dtype in ("fp32", name):
-            albor.set_matmul_dtype(dtype)
+            gpu.configure(matmul_dtype=dtype)
             worst = 0.0
             for a, b in cases:
                 got = albor.to_numpy(albor.matmul(albor.xp.asarray(a), albor.xp.asarray(b)))
@@ -560,7 +557,7 @@ def test_gpu_matmul_precisions(name, tol):
                 worst = max(worst, float(np.abs(got - want).max() / np.abs(want).max()))
             errors[dtype] = worst
     finally:
-        albor.set_matmul_dtype("fp32")
+        gpu.configure(matmul_dtype="fp32")
     assert errors[name] <= tol, errors
     if name == "bf16":
         assert errors["bf16"] > 10 * errors["fp32"], errors
@@ -575,23 +572,23 @@ def test_gpu_fp16_training_with_the_loss_scaler():
                           num_attention_heads=4, num_key_value_heads=2, intermediate_size=384)
     params = albor.init_params(config, seed=6)
     optimizer = albor.AdamW(params)
-    scaler = albor.LossScaler(scale=2.0 ** 40, growth_interval=1000)
+    scaler = gpu.LossScaler(scale=2.0 ** 40, growth_interval=1000)
     idx, targets = gpu_batch(config, 4, 128, seed=7)
     losses = []
     try:
-        albor.set_matmul_dtype("fp16")
+        gpu.configure(matmul_dtype="fp16")
         for _ in range(40):
             before = albor.to_numpy(params["model.norm.weight"]).copy()
             scale = scaler.scale
             loss, grads = loss_and_grads(params, config, idx, targets, loss_scale=scale)
-            norm, stepped = scaler.step(optimizer, params, grads, lr=3e-3, max_norm=1.0)
+            norm, stepped = train.apply_update(optimizer, params, grads, 3e-3, 1.0, scaler, 1)
             assert stepped == math.isfinite(norm)
             if not stepped:
                 assert scaler.scale == scale / 2
                 assert albor.to_numpy(params["model.norm.weight"]).tobytes() == before.tobytes()
             losses.append(loss)
     finally:
-        albor.set_matmul_dtype("fp32")
+        gpu.configure(matmul_dtype="fp32")
     assert all(math.isfinite(loss) for loss in losses)
     assert scaler.skipped < 40 and losses[-1] < losses[0]
 
@@ -602,12 +599,12 @@ def test_gpu_injected_overflow_skips_the_step():
     config = albor.get_config("tiny")
     params = albor.init_params(config, seed=8)
     optimizer = albor.AdamW(params)
-    scaler = albor.LossScaler()
+    scaler = gpu.LossScaler()
     idx, targets = gpu_batch(config, 2, 45, seed=9)
     _, grads = loss_and_grads(params, config, idx, targets, loss_scale=scaler.scale)
     grads["model.embed_tokens.weight"][7, 3] = np.nan
     before = {name: albor.to_numpy(p).tobytes() for name, p in params.items()}
-    norm, stepped = scaler.step(optimizer, params, grads, lr=1e-3, max_norm=1.0)
+    norm, stepped = train.apply_update(optimizer, params, grads, 1e-3, 1.0, scaler, 1)
     assert not stepped and math.isnan(norm) and scaler.scale == 2.0 ** 15
     assert {name: albor.to_numpy(p).tobytes() for name, p in params.items()} == before
 
@@ -617,7 +614,7 @@ def test_gpu_phase_clock_times_with_cuda_events():
     config = albor.get_config("tiny")
     params = albor.init_params(config, seed=10)
     idx, targets = gpu_batch(config, 4, 128, seed=11)
-    clock = albor.PhaseClock()
+    clock = gpu.PhaseClock()
     clock.start()
     loss, cache = albor.forward(params, config, idx, targets)
     clock.mark("forward")

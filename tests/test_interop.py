@@ -1,6 +1,6 @@
 """Interop: an albor checkpoint folder opens, unchanged, in Hugging Face transformers and tokenizers.
 
-The folder albor.save_checkpoint writes (model.safetensors, config.json, plus tokenizer.json)
+The folder checkpoint.save_checkpoint writes (model.safetensors, config.json, plus tokenizer.json)
 must load as LlamaForCausalLM with every weight used and none missing, give albor's logits,
 decode greedily to albor's tokens, and its tokenizer.json must give tokenizer.py's ids in
 `tokenizers` and in transformers' tokenizer classes. torch and transformers are test-only
@@ -13,10 +13,12 @@ import numpy as np
 import pytest
 
 import albor
+import checkpoint
+import sample
 from tests.oracles import oracle
 from tests.test_sample import params_of
-from tokenizer import EOT_ID, PAD_ID, Tokenizer, stdlib_python_files
-
+from tokenizer import EOT_ID, PAD_ID, Tokenizer
+from train import stdlib_python_files
 # The oracles (requirements-dev.txt): where one is missing, this module is skipped.
 torch = oracle("torch")
 transformers = oracle("transformers")
@@ -46,25 +48,25 @@ def tok():
 
 
 @pytest.fixture(scope="module", params=list(CONFIGS))
-def checkpoint(request, tok, tmp_path_factory):
+def run_folder(request, tok, tmp_path_factory):
     config = CONFIGS[request.param]
     params = params_of(config, seed=len(request.param))
     folder = tmp_path_factory.mktemp(request.param)
     tok.save(folder / "tokenizer.json")
-    albor.save_checkpoint(folder, config, params, step=1)
+    checkpoint.save_checkpoint(folder, config, params, step=1)
     return folder, config, params
 
 
 @pytest.fixture(scope="module")
-def hf_model(checkpoint):
-    folder, _, _ = checkpoint
+def hf_model(run_folder):
+    folder, _, _ = run_folder
     model, info = transformers.LlamaForCausalLM.from_pretrained(folder, output_loading_info=True)
     model.eval()
     return model, info
 
 
-def test_transformers_reads_config_json_as_written(checkpoint, hf_model):
-    folder, config, _ = checkpoint
+def test_transformers_reads_config_json_as_written(run_folder, hf_model):
+    folder, config, _ = run_folder
     model, _ = hf_model
     hf = model.config
     assert type(model).__name__ == "LlamaForCausalLM" and hf.model_type == "llama"
@@ -80,8 +82,8 @@ def test_transformers_reads_config_json_as_written(checkpoint, hf_model):
     assert not hf.attention_bias and not hf.mlp_bias
 
 
-def test_every_weight_loads_and_the_head_is_tied(checkpoint, hf_model):
-    folder, config, params = checkpoint
+def test_every_weight_loads_and_the_head_is_tied(run_folder, hf_model):
+    folder, config, params = run_folder
     model, info = hf_model
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
     state = model.state_dict()
@@ -91,8 +93,8 @@ def test_every_weight_loads_and_the_head_is_tied(checkpoint, hf_model):
     assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
 
 
-def test_same_logits_as_albor(checkpoint, hf_model):
-    folder, config, params = checkpoint
+def test_same_logits_as_albor(run_folder, hf_model):
+    folder, config, params = run_folder
     model, _ = hf_model
     ids = np.random.default_rng(0).integers(0, config.vocab_size, (3, config.max_position_embeddings))
     ours, _ = albor.forward(params, config, ids)
@@ -102,12 +104,12 @@ def test_same_logits_as_albor(checkpoint, hf_model):
     np.testing.assert_allclose(albor.to_numpy(ours), theirs, rtol=0, atol=1e-4)
 
 
-def test_same_greedy_tokens_as_albor_generate(checkpoint, hf_model):
-    folder, config, params = checkpoint
+def test_same_greedy_tokens_as_albor_generate(run_folder, hf_model):
+    folder, config, params = run_folder
     model, _ = hf_model
     prompt = [int(i) for i in np.random.default_rng(1).integers(0, 256, 8)]
     n = config.max_position_embeddings - len(prompt)
-    ours = albor.generate(params, config, prompt, n, temperature=0)
+    ours = sample.generate(params, config, prompt, n, temperature=0)
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         out = model.generate(torch.tensor([prompt]), max_new_tokens=n, min_new_tokens=n, do_sample=False,
@@ -115,8 +117,8 @@ def test_same_greedy_tokens_as_albor_generate(checkpoint, hf_model):
     assert out[0, len(prompt):].tolist() == ours
 
 
-def test_config_json_round_trips_through_transformers(checkpoint, tmp_path):
-    folder, config, _ = checkpoint
+def test_config_json_round_trips_through_transformers(run_folder, tmp_path):
+    folder, config, _ = run_folder
     hf = transformers.AutoConfig.from_pretrained(folder)
     assert isinstance(hf, transformers.LlamaConfig)
     raw = json.loads((folder / "config.json").read_text())
@@ -128,8 +130,8 @@ def encode_cases(tok):
     return TEXTS + real_code
 
 
-def test_tokenizers_loads_tokenizer_json_and_gives_the_same_ids(checkpoint, tok):
-    folder, _, _ = checkpoint
+def test_tokenizers_loads_tokenizer_json_and_gives_the_same_ids(run_folder, tok):
+    folder, _, _ = run_folder
     hf = HFTokenizer.from_file(str(folder / "tokenizer.json"))
     assert hf.get_vocab_size() == tok.vocab_size
     assert hf.token_to_id("<|endoftext|>") == EOT_ID and hf.token_to_id("<|pad|>") == PAD_ID
@@ -141,8 +143,8 @@ def test_tokenizers_loads_tokenizer_json_and_gives_the_same_ids(checkpoint, tok)
 
 
 @pytest.mark.parametrize("load", ["AutoTokenizer", "PreTrainedTokenizerFast"])
-def test_transformers_tokenizer_from_the_folder_gives_the_same_ids(checkpoint, tok, load):
-    folder, _, _ = checkpoint
+def test_transformers_tokenizer_from_the_folder_gives_the_same_ids(run_folder, tok, load):
+    folder, _, _ = run_folder
     if load == "AutoTokenizer":
         hf = transformers.AutoTokenizer.from_pretrained(folder)
     else:

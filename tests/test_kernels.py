@@ -23,6 +23,7 @@ import numpy as np
 import pytest
 
 import albor
+import gpu
 from tests.kernel_emu import KERNELS_CU, TESTS, EmuError, EmuModule, parse_kernels, strip_comments
 from tests.oracles import nvcc, nvrtc_library
 
@@ -136,10 +137,10 @@ def test_no_atomics():
 
 def test_launch_constants_match_kernels_cu():
     defines = dict(re.findall(r"#define (\w+) \(?(-?\d+)\)?", SOURCE))
-    assert int(defines["ATTN_ROWS"]) == albor.ATTN_ROWS
-    assert int(defines["ATTN_THREADS"]) == albor.ATTN_THREADS
-    assert int(defines["ATTN_THREADS_PER_ROW"]) * albor.ATTN_ROWS == albor.ATTN_THREADS
-    assert int(defines["ATTN_MAX_HEAD_DIM"]) == albor.ATTN_MAX_HEAD_DIM
+    assert int(defines["ATTN_ROWS"]) == gpu.ATTN_ROWS
+    assert int(defines["ATTN_THREADS"]) == gpu.ATTN_THREADS
+    assert int(defines["ATTN_THREADS_PER_ROW"]) * gpu.ATTN_ROWS == gpu.ATTN_THREADS
+    assert int(defines["ATTN_MAX_HEAD_DIM"]) == gpu.ATTN_MAX_HEAD_DIM
     assert int(defines["IGNORE_INDEX"]) == albor.IGNORE_INDEX
 
 
@@ -306,11 +307,11 @@ def attention_inputs(B, H, KVH, T, D, seed=0, scale=1.0):
 
 def check_attention(module, B, H, KVH, T, D, tol=TOL, seed=0, scale=1.0):
     q, k, v, dout = attention_inputs(B, H, KVH, T, D, seed, scale)
-    out, lse = albor.launch_attention_forward(module, np, q, k, v)
+    out, lse = gpu.Kernels(module, np).attention_forward(q, k, v)
     want_out, want_lse = on_albor(albor.attention_forward, q, k, v)
     assert_close(out, want_out, tol, "out")
     assert_close(lse, want_lse, tol, "lse")
-    dq, dk, dv = albor.launch_attention_backward(module, np, dout, q, k, v, out, lse)
+    dq, dk, dv = gpu.Kernels(module, np).attention_backward(dout, q, k, v, out, lse)
     want = on_albor(albor.attention_backward, dout, q, k, v, want_out, want_lse)
     for name, got, ref in zip(("dq", "dk", "dv"), (dq, dk, dv), want):
         assert_close(got, ref, tol, name)
@@ -348,7 +349,7 @@ def test_attention_large_logits(module):
 def test_attention_long_sequence_forward(module):
     """T = 2048 (the longest context): 32 query blocks, 64 key tiles."""
     q, k, v, _ = attention_inputs(1, 1, 1, 2048, 16, seed=4)
-    out, lse = albor.launch_attention_forward(module, np, q, k, v)
+    out, lse = gpu.Kernels(module, np).attention_forward(q, k, v)
     want_out, want_lse = on_albor(albor.attention_forward, q, k, v)
     assert_close(out, want_out, TOL, "out")
     assert_close(lse, want_lse, TOL, "lse")
@@ -360,7 +361,7 @@ def test_attention_first_query_attends_only_to_itself(module):
     q, k, v, _ = attention_inputs(1, 2, 1, 40, 16, seed=5)
     k[:, :, 1:] *= 1e3
     v[:, :, 1:] = 1e6
-    out, lse = albor.launch_attention_forward(module, np, q, k, v)
+    out, lse = gpu.Kernels(module, np).attention_forward(q, k, v)
     np.testing.assert_allclose(out[0, :, 0], np.broadcast_to(v[0, 0, 0], (2, 16)), rtol=1e-6)
     np.testing.assert_allclose(lse[0, :, 0], (q[0, :, 0] @ k[0, 0, 0]) / 4.0, rtol=1e-5)
 
@@ -368,10 +369,10 @@ def test_attention_first_query_attends_only_to_itself(module):
 def test_attention_rejects_bad_shapes(module):
     q, k, v, _ = attention_inputs(1, 3, 2, 8, 16)
     with pytest.raises(ValueError, match="H divisible by KVH"):
-        albor.launch_attention_forward(module, np, q, k, v)
+        gpu.Kernels(module, np).attention_forward(q, k, v)
     q, k, v, _ = attention_inputs(1, 2, 1, 8, 18)
     with pytest.raises(ValueError, match="multiple of 4"):
-        albor.launch_attention_forward(module, np, q, k, v)
+        gpu.Kernels(module, np).attention_forward(q, k, v)
 
 
 @pytest.mark.parametrize("rows, C, scale", [(1, 16, 1.0), (37, 64, 1.0), (300, 512, 1.0),
@@ -384,11 +385,11 @@ def test_rmsnorm_matches_albor(module, rows, C, scale):
     weight = (1.0 + 0.1 * rng.standard_normal(C)).astype(np.float32)
     dout = rng.standard_normal((rows, C)).astype(np.float32)
     eps = 1e-5
-    out, rstd = albor.launch_rmsnorm_forward(module, np, x, weight, eps)
+    out, rstd = gpu.Kernels(module, np).rmsnorm_forward(x, weight, eps)
     want_out, want_rstd = on_albor(albor.rmsnorm_forward, x, weight, eps)
     assert_close(out, want_out, TOL, "out")
     np.testing.assert_allclose(rstd, want_rstd, rtol=1e-5)  # relative: rstd spans 1e-15..1e20
-    dx, dweight = albor.launch_rmsnorm_backward(module, np, dout, x, weight, rstd)
+    dx, dweight = gpu.Kernels(module, np).rmsnorm_backward(dout, x, weight, rstd)
     want_dx, want_dweight = on_albor(albor.rmsnorm_backward, dout, x, weight, want_rstd)
     assert_close(dx, want_dx, TOL, "dx")
     assert_close(dweight, want_dweight, TOL, "dweight")
@@ -405,8 +406,8 @@ def test_swiglu_matches_albor(module, shape, scale):
     with np.errstate(over="ignore"):
         want_h = on_albor(albor.swiglu_forward, gate, up)
         want_dgate, want_dup = on_albor(albor.swiglu_backward, dh, gate, up)
-    assert_close(albor.launch_swiglu_forward(module, np, gate, up), want_h, TOL, "h")
-    dgate, dup = albor.launch_swiglu_backward(module, np, dh, gate, up)
+    assert_close(gpu.Kernels(module, np).swiglu_forward(gate, up), want_h, TOL, "h")
+    dgate, dup = gpu.Kernels(module, np).swiglu_backward(dh, gate, up)
     assert_close(dgate, want_dgate, TOL, "dgate")
     assert_close(dup, want_dup, TOL, "dup")
 
@@ -431,8 +432,8 @@ def test_cross_entropy_matches_albor(module, N, V, scale):
     loss_scale = 0.5
     want_loss, want_dlogits = albor_cross_entropy(logits, targets, loss_scale)
     dlogits = logits.copy()
-    loss, returned, n_valid = albor.launch_cross_entropy_forward_backward(module, np, dlogits,
-                                                                          targets, loss_scale)
+    loss, returned, n_valid = gpu.Kernels(module, np).cross_entropy_forward(dlogits, targets,
+                                                                            loss_scale)
     assert returned is dlogits  # in place
     assert n_valid == int((targets != albor.IGNORE_INDEX).sum())
     tol = 1e-3 if scale > 100 else TOL
@@ -453,7 +454,7 @@ def test_cross_entropy_equal_logits_and_bad_targets(module):
     assert abs(losses[0] - math.log(V)) < 1e-5
     assert np.isnan(losses[1:]).all()
     with pytest.raises(ValueError, match="every target is IGNORE_INDEX"):
-        albor.launch_cross_entropy_forward_backward(module, np, np.zeros((2, V), np.float32),
+        gpu.Kernels(module, np).cross_entropy_forward(np.zeros((2, V), np.float32),
                                                     np.full(2, -100, np.int32))
 
 
@@ -472,8 +473,8 @@ def test_adamw_matches_albor(module):
         opt.step(params, {name: albor.xp.asarray(g) for name, g in grads.items()}, lr)
         for name in params:
             wd = opt.weight_decay if albor.is_decayed(name, params[name].shape) else 0.0
-            albor.launch_adamw_update(module, kernel_params[name], grads[name], m[name],
-                                      v[name], lr, opt.beta1, opt.beta2, opt.eps, wd, t)
+            gpu.Kernels(module, np).adamw_update(kernel_params[name], grads[name], m[name],
+                                                 v[name], lr, opt.beta1, opt.beta2, opt.eps, wd, t)
         # float32 both sides, but the kernel forms 1 - beta1 from float32 beta1 (0.100000024)
         # where NumPy rounds the double 1 - 0.9 (0.1): relative differences of a few 1e-7,
         # more where m's two terms nearly cancel
@@ -499,7 +500,7 @@ def test_embedding_backward_matches_albor(module, B, T, V, C, tokens):
     want = dwte.copy()
     np.add.at(want, idx.reshape(-1), dout.reshape(-1, C))  # albor.embedding_backward's NumPy line
     got = dwte.copy()
-    albor.launch_embedding_backward(module, np, got, dout, idx)
+    gpu.Kernels(module, np).embedding_backward(got, dout, idx)
     np.testing.assert_array_equal(got, want)
 
     def albor_embedding_backward(dwte, dout, idx):
@@ -518,29 +519,27 @@ def run_all_kernels(module, xp=np):
     """One small launch of every kernel (multi-tile, partial tiles, GQA, several blocks);
     returns {name: NumPy output arrays} and checks nothing. xp = numpy (emulator) or cupy."""
     q, k, v, dout = (xp.asarray(a) for a in attention_inputs(1, 4, 2, 80, 16, seed=11))
+    kernels = gpu.Kernels(module, xp)
     results = {}
-    out, lse = albor.launch_attention_forward(module, xp, q, k, v)
+    out, lse = kernels.attention_forward(q, k, v)
     results["attention_forward"] = (out, lse)
-    results["attention_backward"] = albor.launch_attention_backward(module, xp, dout, q, k, v,
-                                                                    out, lse)
+    results["attention_backward"] = kernels.attention_backward(dout, q, k, v, out, lse)
     rng = np.random.default_rng(12)
     x = xp.asarray(rng.standard_normal((20, 40)).astype(np.float32))
     w = xp.asarray(rng.standard_normal(40).astype(np.float32))
-    y, rstd = albor.launch_rmsnorm_forward(module, xp, x, w, 1e-5)
-    results["rmsnorm"] = (y, rstd) + albor.launch_rmsnorm_backward(module, xp, x * 0.5, x, w,
-                                                                   rstd)
-    results["swiglu"] = ((albor.launch_swiglu_forward(module, xp, x, y),)
-                         + albor.launch_swiglu_backward(module, xp, rstd * x, x, y))
+    y, rstd = kernels.rmsnorm_forward(x, w, 1e-5)
+    results["rmsnorm"] = (y, rstd) + kernels.rmsnorm_backward(x * 0.5, x, w, rstd)
+    results["swiglu"] = ((kernels.swiglu_forward(x, y),)
+                         + kernels.swiglu_backward(rstd * x, x, y))
     logits = xp.asarray(rng.standard_normal((3, 300)).astype(np.float32))
     targets = xp.asarray(np.array([4, -100, 299], np.int32))
-    results["cross_entropy"] = albor.launch_cross_entropy_forward_backward(
-        module, xp, logits, targets)[1:2]
+    results["cross_entropy"] = kernels.cross_entropy_forward(logits, targets)[1:2]
     p, m, vv = x.copy(), xp.zeros_like(x), xp.zeros_like(x)
-    albor.launch_adamw_update(module, p, y, m, vv, 1e-2, 0.9, 0.95, 1e-8, 0.1, 1)
+    kernels.adamw_update(p, y, m, vv, 1e-2, 0.9, 0.95, 1e-8, 0.1, 1)
     results["adamw"] = (p, m, vv)
     dwte = xp.asarray(rng.standard_normal((70, 40)).astype(np.float32))  # 70 tokens, C = 40
     idx = xp.asarray(rng.integers(0, 30, (4, 5)))  # 20 positions: repeats, and absent tokens
-    albor.launch_embedding_backward(module, xp, dwte, x, idx)
+    kernels.embedding_backward(dwte, x, idx)
     results["embedding_backward"] = (dwte,)
     return {name: tuple(to_host(a) for a in arrays) for name, arrays in results.items()}
 
@@ -632,8 +631,8 @@ def test_gpu_kernels_match_emulator_and_albor(module):
     __expf and fused multiply-adds differ in the last bits, hence 1e-4), attention close to
     albor's float64 reference on every test shape, and two runs give the same bits."""
     import cupy
-    gpu = cupy.RawModule(code=SOURCE)
-    first, second = run_all_kernels(gpu, cupy), run_all_kernels(gpu, cupy)
+    compiled = cupy.RawModule(code=SOURCE)
+    first, second = run_all_kernels(compiled, cupy), run_all_kernels(compiled, cupy)
     cpu = run_all_kernels(module)
     for name in cpu:
         for a, b, c in zip(first[name], second[name], cpu[name]):
@@ -641,10 +640,10 @@ def test_gpu_kernels_match_emulator_and_albor(module):
             assert_close(a, c, 1e-4, name)
     for B, H, KVH, T, D in ATTENTION_SHAPES + [(4, 8, 2, 2048, 64)]:
         q, k, v, dout = attention_inputs(B, H, KVH, T, D)
-        out, lse = albor.launch_attention_forward(gpu, cupy, cupy.asarray(q), cupy.asarray(k),
-                                         cupy.asarray(v))
-        grads = albor.launch_attention_backward(gpu, cupy, cupy.asarray(dout), cupy.asarray(q),
-                                       cupy.asarray(k), cupy.asarray(v), out, lse)
+        kernels = gpu.Kernels(compiled, cupy)
+        out, lse = kernels.attention_forward(cupy.asarray(q), cupy.asarray(k), cupy.asarray(v))
+        grads = kernels.attention_backward(cupy.asarray(dout), cupy.asarray(q), cupy.asarray(k),
+                                           cupy.asarray(v), out, lse)
         want_out, want_lse = on_albor(albor.attention_forward, q, k, v)
         want = on_albor(albor.attention_backward, dout, q, k, v, want_out, want_lse)
         for name, got, ref in zip(("out", "lse", "dq", "dk", "dv"), (out, lse) + grads,

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 import albor
+import cpu
 from albor import xp, to_numpy, IGNORE_INDEX
 from tests.oracles import oracle
 
@@ -326,7 +327,7 @@ def test_data_parallel_equals_one_forward_backward_of_the_whole_micro_batch():
         targets = r.integers(0, SMALL.vocab_size, (5, 6))
         targets[1, 2:] = IGNORE_INDEX  # uneven counts over the shards
         batches.append((idx, targets))
-    workers = albor.DataParallel(3)
+    workers = cpu.DataParallel(3)
     expected, losses = None, []
     for idx, targets in batches:
         loss, cache = albor.forward(params, SMALL, idx, targets)
@@ -350,7 +351,7 @@ def test_data_parallel_is_deterministic_and_skips_shards_with_nothing_to_count()
     targets[2:] = IGNORE_INDEX  # the second worker's shard counts nothing: it is not run
     runs = []
     for _ in range(2):
-        workers = albor.DataParallel(2)
+        workers = cpu.DataParallel(2)
         loss = workers.forward_backward(params, SMALL, idx, targets)
         assert workers.grads[1] is None
         runs.append((loss, workers.gradients()))
@@ -360,15 +361,15 @@ def test_data_parallel_is_deterministic_and_skips_shards_with_nothing_to_count()
     reference, cache = albor.forward(params, SMALL, idx[:2], targets[:2])
     assert runs[0][0] == pytest.approx(reference, rel=1e-6)
     with pytest.raises(ValueError, match="every target is IGNORE_INDEX"):
-        albor.DataParallel(2).loss(params, SMALL, idx, np.full_like(targets, IGNORE_INDEX))
+        cpu.DataParallel(2).loss(params, SMALL, idx, np.full_like(targets, IGNORE_INDEX))
 
 
 def test_row_shards_and_worker_count():
-    assert albor.row_shards(5, 2) == [slice(0, 2), slice(2, 5)]
-    assert albor.row_shards(4, 2) == [slice(0, 2), slice(2, 4)]
-    assert albor.row_shards(1, 2) == [slice(0, 1)]
-    assert albor.row_shards(3, 8) == [slice(0, 1), slice(1, 2), slice(2, 3)]
-    code = "import os, albor; print(albor.cpu_workers(), len(os.sched_getaffinity(0)))"
+    assert cpu.row_shards(5, 2) == [slice(0, 2), slice(2, 5)]
+    assert cpu.row_shards(4, 2) == [slice(0, 2), slice(2, 4)]
+    assert cpu.row_shards(1, 2) == [slice(0, 1)]
+    assert cpu.row_shards(3, 8) == [slice(0, 1), slice(1, 2), slice(2, 3)]
+    code = "import os, cpu; print(cpu.cpu_workers(), len(os.sched_getaffinity(0)))"
     single = run_python(code, "cpu", extra_env={"OPENBLAS_NUM_THREADS": "1"})
     assert single.returncode == 0, single.stderr
     workers, cores = map(int, single.stdout.split())
@@ -618,9 +619,9 @@ def test_forcing_cuda_without_a_gpu_is_a_clear_error():
 FAULTS_OF_REALLOCATION = """
 import platform, resource, sys
 import numpy as np
-import albor
+import cpu
 if sys.argv[1] == "keep":
-    assert albor.keep_freed_memory() == (platform.libc_ver()[0] == "glibc")
+    assert cpu.keep_freed_memory() == (platform.libc_ver()[0] == "glibc")
 def allocate():  # 64 MiB in 16 blocks of 4 MiB, each touched (like a step's temporaries)
     return [np.ones(1 << 20, dtype=np.float32) for _ in range(16)]
 blocks = allocate()
@@ -645,7 +646,7 @@ def test_keep_freed_memory_stops_the_page_faults_of_reallocation():
         # (fewer faults than pages where the kernel maps huge pages; at least one a block)
         assert faults["default"] >= 16 and faults["keep"] <= faults["default"] // 10, faults
     else:
-        assert albor.keep_freed_memory() is False
+        assert cpu.keep_freed_memory() is False
 
 
 def test_bad_device_name_is_a_clear_error():

@@ -15,7 +15,9 @@ import numpy as np
 import pytest
 
 import albor
-from albor import AdamW, CheckpointError, clip_grad_norm, default_warmup, lr_at
+import checkpoint
+from albor import AdamW, clip_grad_norm, default_warmup, lr_at
+from checkpoint import CheckpointError
 from tests.oracles import oracle
 
 # A matrix (decayed) and a norm weight (not decayed), with gradients that change sign and
@@ -275,20 +277,20 @@ def saved(tmp_path):
         grads = {n: albor.xp.asarray(rng.standard_normal(p.shape).astype(np.float32)) for n, p in params.items()}
         optimizer.step(params, grads, lr=1e-3)
     folder = tmp_path / "ckpt"
-    albor.save_checkpoint(folder, config, params, optimizer, step=2, extra_files={"notes.json": b"{}\n"})
+    checkpoint.save_checkpoint(folder, config, params, optimizer, step=2, extra_files={"notes.json": b"{}\n"})
     return folder, config, params, optimizer
 
 
 def test_checkpoint_round_trip_is_exact(saved):
     folder, config, params, optimizer = saved
     assert sorted(os.listdir(folder)) == ["config.json", "model.safetensors", "notes.json", "optimizer.safetensors"]
-    loaded_config, loaded, step = albor.load_checkpoint(folder)
+    loaded_config, loaded, step = checkpoint.load_checkpoint(folder)
     assert loaded_config == config and step == 2
     assert list(loaded) == list(params)
     for name in params:
         assert loaded[name].dtype == np.float32
         np.testing.assert_array_equal(albor.to_numpy(loaded[name]), albor.to_numpy(params[name]))
-    restored = albor.load_optimizer(folder, loaded, step=2)
+    restored = checkpoint.load_optimizer(folder, loaded, step=2)
     assert restored.hyperparameters() == optimizer.hyperparameters() == \
         {"betas": [0.8, 0.9], "eps": 1e-7, "weight_decay": 0.2, "t": 2}
     for name in params:
@@ -303,7 +305,7 @@ def test_checkpoint_is_a_hugging_face_llama_folder(saved):
     assert hf["tie_word_embeddings"] is True and hf["hidden_act"] == "silu"
     assert hf["hidden_size"] == 64 and hf["num_key_value_heads"] == 2 and hf["head_dim"] == 16
     assert hf["eos_token_id"] == 256 and hf["pad_token_id"] == 257 and hf["torch_dtype"] == "float32"
-    assert albor.config_from_hf(hf) == config
+    assert checkpoint.config_from_hf(hf) == config
     from safetensors import safe_open
     with safe_open(folder / "model.safetensors", "np") as f:
         assert f.metadata()["format"] == "pt"            # transformers refuses files without it
@@ -318,7 +320,7 @@ def test_safetensors_written_by_hand_read_back_by_the_library_and_are_determinis
     assert set(loaded) == set(params)
     for name in params:
         np.testing.assert_array_equal(loaded[name], albor.to_numpy(params[name]))
-    albor.save_checkpoint(tmp_path / "again", config, params, optimizer, step=2, extra_files={"notes.json": b"{}\n"})
+    checkpoint.save_checkpoint(tmp_path / "again", config, params, optimizer, step=2, extra_files={"notes.json": b"{}\n"})
     for name in ("model.safetensors", "optimizer.safetensors"):
         assert (tmp_path / "again" / name).read_bytes() == (folder / name).read_bytes()
 
@@ -327,7 +329,7 @@ def test_save_is_atomic_when_interrupted(saved, monkeypatch):
     folder, config, params, optimizer = saved
     before = {name: (folder / name).read_bytes() for name in os.listdir(folder)}
     changed = {n: p + 1 for n, p in params.items()}
-    real_write = albor._write_safetensors
+    real_write = checkpoint.write_safetensors
     calls = []
 
     def crash_on_second_file(tmp, tensors, metadata):
@@ -338,11 +340,11 @@ def test_save_is_atomic_when_interrupted(saved, monkeypatch):
             raise KeyboardInterrupt
         return real_write(tmp, tensors, metadata)
 
-    monkeypatch.setattr(albor, "_write_safetensors", crash_on_second_file)
+    monkeypatch.setattr(checkpoint, "write_safetensors", crash_on_second_file)
     with pytest.raises(KeyboardInterrupt):
-        albor.save_checkpoint(folder, config, changed, optimizer, step=3)
+        checkpoint.save_checkpoint(folder, config, changed, optimizer, step=3)
     assert {name: (folder / name).read_bytes() for name in os.listdir(folder)} == before  # untouched, no temp files
-    albor.load_optimizer(folder, albor.load_checkpoint(folder)[1], step=2)
+    checkpoint.load_optimizer(folder, checkpoint.load_checkpoint(folder)[1], step=2)
 
 
 def test_truncated_model_file_is_a_one_line_error_naming_it(saved):
@@ -351,15 +353,15 @@ def test_truncated_model_file_is_a_one_line_error_naming_it(saved):
     data = path.read_bytes()
     path.write_bytes(data[: len(data) - 100])
     with pytest.raises(CheckpointError) as error:
-        albor.load_checkpoint(folder)
+        checkpoint.load_checkpoint(folder)
     message = str(error.value)
     assert "model.safetensors" in message and "truncated" in message and "\n" not in message
     path.write_bytes(data[:5])
     with pytest.raises(CheckpointError, match="model.safetensors: truncated"):
-        albor.load_checkpoint(folder)
+        checkpoint.load_checkpoint(folder)
     path.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00not json at all!")
     with pytest.raises(CheckpointError, match="model.safetensors: corrupt"):
-        albor.load_checkpoint(folder)
+        checkpoint.load_checkpoint(folder)
 
 
 def test_mismatched_checkpoint_errors_name_the_file_and_the_problem(saved):
@@ -369,22 +371,22 @@ def test_mismatched_checkpoint_errors_name_the_file_and_the_problem(saved):
     (folder / "config.json").write_text(json.dumps(hf))
     with pytest.raises(CheckpointError, match=r"model.safetensors: .*mlp.gate_proj.weight has shape \(160, 64\), "
                                               r"the config needs \(128, 64\)"):
-        albor.load_checkpoint(folder)
+        checkpoint.load_checkpoint(folder)
     del hf["hidden_size"]
     (folder / "config.json").write_text(json.dumps(hf))
     with pytest.raises(CheckpointError, match="config.json: missing the field 'hidden_size'"):
-        albor.load_checkpoint(folder)
+        checkpoint.load_checkpoint(folder)
     (folder / "config.json").write_text("{not json")
     with pytest.raises(CheckpointError, match="config.json: not valid JSON"):
-        albor.load_checkpoint(folder)
+        checkpoint.load_checkpoint(folder)
     with pytest.raises(CheckpointError, match="config.json: file not found"):
-        albor.load_checkpoint(folder / "nowhere")
+        checkpoint.load_checkpoint(folder / "nowhere")
 
 
 def test_optimizer_from_another_step_or_model_is_refused(saved, tmp_path):
     folder, config, params, optimizer = saved
     with pytest.raises(CheckpointError, match="optimizer.safetensors: saved at step 2, but the model file is at step 7"):
-        albor.load_optimizer(folder, params, step=7)
+        checkpoint.load_optimizer(folder, params, step=7)
     other = albor.init_params(dataclasses.replace(config, hidden_size=32))
     with pytest.raises(CheckpointError, match="optimizer.safetensors: "):
-        albor.load_optimizer(folder, other, step=2)
+        checkpoint.load_optimizer(folder, other, step=2)

@@ -16,9 +16,10 @@ import numpy as np
 import pytest
 
 import albor
+import checkpoint
 import sample
-from tokenizer import EOT_ID, Tokenizer, stdlib_python_files
-
+from tokenizer import EOT_ID, Tokenizer
+from train import stdlib_python_files
 ROOT = Path(__file__).resolve().parent.parent
 TINY = albor.get_config("tiny")
 # Small enough for quick generation; a vocabulary larger than the test tokenizer's, and a
@@ -111,38 +112,38 @@ LOGITS = np.random.default_rng(1).standard_normal(50) * 2
 
 def test_the_docstring_example():
     logits = np.array([2.0, 1.0, 0.0])
-    np.testing.assert_allclose(albor.sampling_probs(logits), softmax(logits))
-    np.testing.assert_allclose(albor.sampling_probs(logits, top_k=2), [*softmax(logits[:2]), 0])
-    np.testing.assert_array_equal(albor.sampling_probs(logits, top_p=0.5), [1, 0, 0])
-    np.testing.assert_array_equal(albor.sampling_probs(logits, temperature=0), [1, 0, 0])
+    np.testing.assert_allclose(sample.sampling_probs(logits), softmax(logits))
+    np.testing.assert_allclose(sample.sampling_probs(logits, top_k=2), [*softmax(logits[:2]), 0])
+    np.testing.assert_array_equal(sample.sampling_probs(logits, top_p=0.5), [1, 0, 0])
+    np.testing.assert_array_equal(sample.sampling_probs(logits, temperature=0), [1, 0, 0])
 
 
 def test_temperature_divides_the_logits_and_sharpens_or_flattens():
     for temperature in (0.25, 0.5, 1.0, 2.0):
-        np.testing.assert_allclose(albor.sampling_probs(LOGITS, temperature), softmax(LOGITS / temperature))
-    entropies = [entropy(albor.sampling_probs(LOGITS, t)) for t in (0.25, 0.5, 1.0, 2.0, 4.0)]
+        np.testing.assert_allclose(sample.sampling_probs(LOGITS, temperature), softmax(LOGITS / temperature))
+    entropies = [entropy(sample.sampling_probs(LOGITS, t)) for t in (0.25, 0.5, 1.0, 2.0, 4.0)]
     assert entropies == sorted(entropies) and entropies[0] < entropies[-1] - 1
-    greedy = albor.sampling_probs(LOGITS, temperature=0)
+    greedy = sample.sampling_probs(LOGITS, temperature=0)
     assert greedy[np.argmax(LOGITS)] == 1 and greedy.sum() == 1
 
 
 @pytest.mark.parametrize("k", [1, 2, 7, 49, 50, 80])
 def test_top_k_keeps_the_k_most_likely(k):
-    probs = albor.sampling_probs(LOGITS, top_k=k)
+    probs = sample.sampling_probs(LOGITS, top_k=k)
     kept = np.argsort(-LOGITS)[:k]
     assert set(np.flatnonzero(probs)) == set(kept)
     np.testing.assert_allclose(probs[kept], softmax(LOGITS[kept]))
 
 
 def test_top_k_ties_keep_the_lower_ids():
-    probs = albor.sampling_probs(np.array([1.0, 3.0, 3.0, 3.0, 0.0]), top_k=2)
+    probs = sample.sampling_probs(np.array([1.0, 3.0, 3.0, 3.0, 0.0]), top_k=2)
     assert list(np.flatnonzero(probs)) == [1, 2]
 
 
 @pytest.mark.parametrize("p", [1e-9, 0.3, 0.5, 0.9, 0.999])
 def test_top_p_keeps_the_smallest_set_reaching_p(p):
     full = softmax(LOGITS)
-    probs = albor.sampling_probs(LOGITS, top_p=p)
+    probs = sample.sampling_probs(LOGITS, top_p=p)
     order = np.argsort(-full)
     n = np.count_nonzero(probs)
     assert set(np.flatnonzero(probs)) == set(order[:n])
@@ -151,8 +152,8 @@ def test_top_p_keeps_the_smallest_set_reaching_p(p):
 
 
 def test_top_k_then_top_p():
-    probs = albor.sampling_probs(LOGITS, temperature=0.7, top_k=10, top_p=0.8)
-    within_k = albor.sampling_probs(LOGITS, temperature=0.7, top_k=10)
+    probs = sample.sampling_probs(LOGITS, temperature=0.7, top_k=10, top_p=0.8)
+    within_k = sample.sampling_probs(LOGITS, temperature=0.7, top_k=10)
     order = np.argsort(-within_k)
     n = np.count_nonzero(probs)
     assert within_k[order[:n]].sum() >= 0.8 > within_k[order[:n - 1]].sum()
@@ -162,13 +163,13 @@ def test_top_k_then_top_p():
 def test_sample_next_draws_from_the_distribution():
     logits = np.log(np.array([0.5, 0.3, 0.2, 0.0]) + 1e-300)
     rng = np.random.default_rng(0)
-    draws = np.array([albor.sample_next(logits, 1.0, 0, 1.0, rng) for _ in range(20000)])
+    draws = np.array([sample.sample_next(logits, 1.0, 0, 1.0, rng) for _ in range(20000)])
     counts = np.bincount(draws, minlength=4) / len(draws)
     np.testing.assert_allclose(counts[:3], [0.5, 0.3, 0.2], atol=0.015)
     assert counts[3] == 0
     # temperature 0 draws nothing from the generator
     rng, untouched = np.random.default_rng(5), np.random.default_rng(5)
-    assert albor.sample_next(LOGITS, 0, 0, 1.0, rng) == int(np.argmax(LOGITS))
+    assert sample.sample_next(LOGITS, 0, 0, 1.0, rng) == int(np.argmax(LOGITS))
     assert rng.random() == untouched.random()
 
 
@@ -178,9 +179,9 @@ def test_sample_next_draws_from_the_distribution():
     (dict(top_p=0.0), "top_p"), (dict(top_p=1.5), "top_p")])
 def test_bad_sampling_settings_are_clear_errors(kwargs, message):
     with pytest.raises(ValueError, match=message):
-        albor.sampling_probs(LOGITS, **kwargs)
+        sample.sampling_probs(LOGITS, **kwargs)
     with pytest.raises(ValueError, match=message):
-        albor.generate(params_of(SMALL), SMALL, [1, 2], 3, **{"temperature": 1.0, **kwargs})
+        sample.generate(params_of(SMALL), SMALL, [1, 2], 3, **{"temperature": 1.0, **kwargs})
 
 
 # -----------------------------------------------------------------------------
@@ -203,72 +204,72 @@ def small_params():
 
 def test_greedy_generate_equals_full_forward_argmax(small_params):
     prompt = [5, 17, 300, 2, 99]
-    ids = albor.generate(small_params, SMALL, prompt, 30, temperature=0)
+    ids = sample.generate(small_params, SMALL, prompt, 30, temperature=0)
     assert ids == greedy_by_full_forward(small_params, SMALL, prompt, 30)
-    assert ids == albor.generate(small_params, SMALL, prompt, 30, temperature=0, seed=123)
+    assert ids == sample.generate(small_params, SMALL, prompt, 30, temperature=0, seed=123)
 
 
 def test_same_seed_same_ids_other_seed_other_ids(small_params):
-    runs = [albor.generate(small_params, SMALL, [1, 2, 3], 30, temperature=1.0, seed=s) for s in (7, 7, 8)]
+    runs = [sample.generate(small_params, SMALL, [1, 2, 3], 30, temperature=1.0, seed=s) for s in (7, 7, 8)]
     assert runs[0] == runs[1] and runs[0] != runs[2] and len(runs[0]) == 30
 
 
 def test_top_k_1_and_a_tiny_top_p_are_greedy(small_params):
-    greedy = albor.generate(small_params, SMALL, [4, 5], 25, temperature=0)
+    greedy = sample.generate(small_params, SMALL, [4, 5], 25, temperature=0)
     for seed in (0, 1):
-        assert albor.generate(small_params, SMALL, [4, 5], 25, temperature=1.5, top_k=1, seed=seed) == greedy
-        assert albor.generate(small_params, SMALL, [4, 5], 25, temperature=1.5, top_p=1e-6, seed=seed) == greedy
-    assert albor.generate(small_params, SMALL, [4, 5], 25, temperature=1.5, seed=0) != greedy
+        assert sample.generate(small_params, SMALL, [4, 5], 25, temperature=1.5, top_k=1, seed=seed) == greedy
+        assert sample.generate(small_params, SMALL, [4, 5], 25, temperature=1.5, top_p=1e-6, seed=seed) == greedy
+    assert sample.generate(small_params, SMALL, [4, 5], 25, temperature=1.5, seed=0) != greedy
 
 
 def test_each_setting_changes_the_draws(small_params):
     base = dict(temperature=1.0, top_k=0, top_p=1.0, seed=0)
-    reference = albor.generate(small_params, SMALL, [9], 30, **base)
+    reference = sample.generate(small_params, SMALL, [9], 30, **base)
     for change in (dict(temperature=0.5), dict(top_k=5), dict(top_p=0.5), dict(seed=1)):
-        assert albor.generate(small_params, SMALL, [9], 30, **{**base, **change}) != reference, change
+        assert sample.generate(small_params, SMALL, [9], 30, **{**base, **change}) != reference, change
 
 
 def test_stops_at_the_end_of_text_token_and_reports_each_token(small_params):
-    free = albor.generate(small_params, SMALL, [1, 2], 40, temperature=1.0, seed=4)
+    free = sample.generate(small_params, SMALL, [1, 2], 40, temperature=1.0, seed=4)
     eos = free[12]
     first = free.index(eos)
     seen = []
-    stopped = albor.generate(small_params, SMALL, [1, 2], 40, temperature=1.0, seed=4, eos_id=eos,
+    stopped = sample.generate(small_params, SMALL, [1, 2], 40, temperature=1.0, seed=4, eos_id=eos,
                              on_token=seen.append)
     assert stopped == free[:first] and seen == stopped and eos not in stopped
 
 
 def test_max_new_tokens_is_applied(small_params):
     for n in (0, 1, 9):
-        assert len(albor.generate(small_params, SMALL, [1], n, temperature=1.0)) == n
+        assert len(sample.generate(small_params, SMALL, [1], n, temperature=1.0)) == n
 
 
 def test_only_ids_below_vocab_size_are_drawn(small_params):
-    ids = albor.generate(small_params, SMALL, [1], 60, temperature=3.0, vocab_size=260)
+    ids = sample.generate(small_params, SMALL, [1], 60, temperature=3.0, vocab_size=260)
     assert max(ids) < 260
-    assert max(albor.generate(small_params, SMALL, [1], 60, temperature=3.0)) >= 260
+    assert max(sample.generate(small_params, SMALL, [1], 60, temperature=3.0)) >= 260
     with pytest.raises(ValueError, match="vocab_size"):
-        albor.generate(small_params, SMALL, [1], 5, vocab_size=SMALL.vocab_size + 1)
+        sample.generate(small_params, SMALL, [1], 5, vocab_size=SMALL.vocab_size + 1)
 
 
 def test_a_long_prompt_is_cut_from_the_left(small_params):
     context, n = SMALL.max_position_embeddings, 10
     prompt = list(tokens(SMALL, (100,), seed=9))
     kept = prompt[-(context - n):]
-    cut = albor.generate(small_params, SMALL, prompt, n, temperature=0)
-    assert cut == albor.generate(small_params, SMALL, kept, n, temperature=0)
+    cut = sample.generate(small_params, SMALL, prompt, n, temperature=0)
+    assert cut == sample.generate(small_params, SMALL, kept, n, temperature=0)
     assert cut == greedy_by_full_forward(small_params, SMALL, kept, n)
     # one token more of the prompt would have changed the answer: the cut is where it says
-    assert cut != albor.generate(small_params, SMALL, prompt[-(context - n) + 1:], n, temperature=0)
+    assert cut != sample.generate(small_params, SMALL, prompt[-(context - n) + 1:], n, temperature=0)
 
 
 def test_generate_errors(small_params):
     with pytest.raises(ValueError, match="empty"):
-        albor.generate(small_params, SMALL, [], 5)
+        sample.generate(small_params, SMALL, [], 5)
     with pytest.raises(ValueError, match="max_new_tokens"):
-        albor.generate(small_params, SMALL, [1], SMALL.max_position_embeddings)
+        sample.generate(small_params, SMALL, [1], SMALL.max_position_embeddings)
     with pytest.raises(ValueError, match="token ids"):
-        albor.generate(small_params, SMALL, [SMALL.vocab_size], 5)
+        sample.generate(small_params, SMALL, [SMALL.vocab_size], 5)
 
 
 # -----------------------------------------------------------------------------
@@ -312,11 +313,11 @@ def tok():
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tok, small_params, tmp_path_factory):
+def run_folder(tok, small_params, tmp_path_factory):
     folder = tmp_path_factory.mktemp("ckpt") / "run"
     tok_path = folder.parent / "tokenizer.json"
     tok.save(tok_path)
-    albor.save_checkpoint(folder, SMALL, small_params, step=3,
+    checkpoint.save_checkpoint(folder, SMALL, small_params, step=3,
                           extra_files={"tokenizer.json": tok_path.read_bytes()})
     return folder
 
@@ -333,21 +334,21 @@ def run_cli(args, capsys):
     return status, out, err
 
 
-def test_cli_end_to_end(checkpoint, tok, small_params):
+def test_cli_end_to_end(run_folder, tok, small_params):
     prompt = "def fib(n):"
-    command = [sys.executable, str(ROOT / "sample.py"), "--checkpoint", str(checkpoint), "--prompt", prompt,
+    command = [sys.executable, str(ROOT / "sample.py"), "--checkpoint", str(run_folder), "--prompt", prompt,
                "--max-new-tokens", "25", "--temperature", "0.9", "--top-k", "40", "--top-p", "0.9", "--seed", "11"]
     result = subprocess.run(command, capture_output=True, text=True, encoding="utf-8", timeout=120, cwd=ROOT)
     assert result.returncode == 0, result.stderr
-    ids = albor.generate(small_params, SMALL, tok.encode(prompt), 25, 0.9, 40, 0.9, seed=11,
+    ids = sample.generate(small_params, SMALL, tok.encode(prompt), 25, 0.9, 40, 0.9, seed=11,
                          eos_id=EOT_ID, vocab_size=tok.vocab_size)
     assert result.stdout == prompt + tok.decode(ids) + "\n"
     assert f"[{len(ids)} tokens in" in result.stderr
 
 
-def test_cli_settings_are_applied(checkpoint, capsys):
+def test_cli_settings_are_applied(run_folder, capsys):
     def text(*flags):
-        status, out, err = run_cli(["--checkpoint", checkpoint, "--prompt", "import os\n", "--max-new-tokens", "30", *flags],
+        status, out, err = run_cli(["--checkpoint", run_folder, "--prompt", "import os\n", "--max-new-tokens", "30", *flags],
                                    capsys)
         assert status == 0, err
         return out
@@ -362,28 +363,28 @@ def test_cli_settings_are_applied(checkpoint, capsys):
     for flags in (["--top-k", "3"], ["--top-p", "0.5"], ["--temperature", "0.5"]):
         assert text("--temperature", "1.5", "--top-p", "1", "--seed", "1", *flags) != sampled, flags
     for n in (1, 7):
-        status, out, err = run_cli(["--checkpoint", checkpoint, "--prompt", "x", "--max-new-tokens", n,
+        status, out, err = run_cli(["--checkpoint", run_folder, "--prompt", "x", "--max-new-tokens", n,
                                     "--temperature", "1.5", "--top-p", "1"], capsys)
         assert f"[{n} tokens in" in err and "stopped by --max-new-tokens" in err
 
 
-def test_cli_stops_at_the_end_of_text_token(checkpoint, tok, small_params, capsys):
+def test_cli_stops_at_the_end_of_text_token(run_folder, tok, small_params, capsys):
     # find a seed whose sample draws <|endoftext|> early (the test tokenizer knows it, id 256)
     for seed in range(200):
-        ids = albor.generate(small_params, SMALL, tok.encode("x"), 30, 3.0, 0, 1.0, seed=seed,
+        ids = sample.generate(small_params, SMALL, tok.encode("x"), 30, 3.0, 0, 1.0, seed=seed,
                              eos_id=EOT_ID, vocab_size=tok.vocab_size)
         if len(ids) < 30:
             break
     assert len(ids) < 30
-    status, out, err = run_cli(["--checkpoint", checkpoint, "--prompt", "x", "--max-new-tokens", 30,
+    status, out, err = run_cli(["--checkpoint", run_folder, "--prompt", "x", "--max-new-tokens", 30,
                                 "--temperature", "3", "--top-p", "1", "--seed", seed], capsys)
     assert out == "x" + tok.decode(ids) + "\n"
     assert f"[{len(ids)} tokens in" in err and "stopped by <|endoftext|>" in err
 
 
-def test_cli_long_prompt_note(checkpoint, tok, capsys):
+def test_cli_long_prompt_note(run_folder, tok, capsys):
     prompt = "x = 1\n" * 40
-    status, out, err = run_cli(["--checkpoint", checkpoint, "--prompt", prompt, "--max-new-tokens", "10",
+    status, out, err = run_cli(["--checkpoint", run_folder, "--prompt", prompt, "--max-new-tokens", "10",
                                 "--temperature", "0"], capsys)
     room = SMALL.max_position_embeddings - 10
     assert status == 0 and f"the model sees its last {room}" in err and out.startswith(prompt)
@@ -406,17 +407,17 @@ def test_cli_help_lists_every_flag(capsys):
     (["--top-p", "1.5"], "--top-p"),
     (["--max-new-tokens", "64"], "leaves no room for the prompt"),
 ])
-def test_cli_bad_flags(checkpoint, flags, message, capsys):
-    status, out, err = run_cli(["--checkpoint", checkpoint, "--prompt", "x", *flags], capsys)
+def test_cli_bad_flags(run_folder, flags, message, capsys):
+    status, out, err = run_cli(["--checkpoint", run_folder, "--prompt", "x", *flags], capsys)
     assert status != 0 and message in err
 
 
-def broken_copies(checkpoint, tmp_path):
+def broken_copies(run_folder, tmp_path):
     """(name, folder, expected message) for checkpoints broken in one way each."""
     def copy(name):
         folder = tmp_path / name
         folder.mkdir()
-        for f in checkpoint.iterdir():
+        for f in run_folder.iterdir():
             (folder / f.name).write_bytes(f.read_bytes())
         return folder
 
@@ -442,8 +443,8 @@ def broken_copies(checkpoint, tmp_path):
     yield tmp_path / "nowhere", "no such checkpoint folder"
 
 
-def test_cli_broken_checkpoints_are_one_line_errors(checkpoint, tmp_path, capsys):
-    for folder, message in broken_copies(checkpoint, tmp_path):
+def test_cli_broken_checkpoints_are_one_line_errors(run_folder, tmp_path, capsys):
+    for folder, message in broken_copies(run_folder, tmp_path):
         status, out, err = run_cli(["--checkpoint", folder, "--prompt", "x", "--max-new-tokens", "5"], capsys)
         assert status == 1 and message in err, (folder, err)
         assert err.strip().count("\n") == 0 and err.startswith("sample.py: error:")
@@ -478,7 +479,7 @@ def test_parse_rate_counts_what_ast_parse_accepts(monkeypatch):
         assert max_new_tokens == max_new and len(ids) < max_new
         return ids if ended else ids + [ord(" ")] * (max_new - len(ids))
 
-    monkeypatch.setattr(albor, "generate", fake_generate)
+    monkeypatch.setattr(sample, "generate", fake_generate)
     result = sample.parse_rate(None, SMALL, tok, list(completions), 8, max_new_tokens=max_new)
     assert result["parsed"] == 4 and result["samples"] == 8 and result["parse_rate"] == 0.5
     assert sample.parse_rate(None, SMALL, tok, ["a = "], 0, max_new_tokens=max_new)["parse_rate"] is None
@@ -490,7 +491,7 @@ def test_parse_rate_on_a_model(small_params, tok):
     result = sample.parse_rate(small_params, SMALL, tok, prompts, 5, **settings)
     parsed = 0
     for i in range(5):
-        ids = albor.generate(small_params, SMALL, tok.encode(prompts[i % 2]), 12, 1.0, 0, 0.9, seed=3 + i,
+        ids = sample.generate(small_params, SMALL, tok.encode(prompts[i % 2]), 12, 1.0, 0, 0.9, seed=3 + i,
                              eos_id=EOT_ID, vocab_size=tok.vocab_size)
         text = prompts[i % 2] + tok.decode(ids)
         parsed += sample.is_valid_python(text if len(ids) < 12 else text[:text.rfind("\n") + 1])
@@ -534,7 +535,7 @@ def expected_parse_eval(folder, n_samples):
     """parse_rate recomputed from the saved checkpoint, the way train.py documents it."""
     import train
     import json
-    config, params, _ = albor.load_checkpoint(folder)
+    config, params, _ = checkpoint.load_checkpoint(folder)
     tok = Tokenizer.load(Path(folder) / "tokenizer.json")
     args = json.loads((Path(folder) / "trainer_state.json").read_text())["args"]
     val_texts, _ = train.take_documents(train.Corpus(args["data"]), args)

@@ -14,8 +14,10 @@ from pathlib import Path
 import pytest
 import regex
 
+from bench import train_hf_tokenizers
 from tokenizer import (EOT_ID, PAD_ID, SPECIAL_TOKENS, SPLIT_PATTERN, Tokenizer, bytes_to_unicode,
-                       split_text, stdlib_python_files, stdlib_texts, train_hf_tokenizers)
+                       split_text)
+from train import stdlib_python_files, stdlib_texts
 from tests.oracles import oracle
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -362,19 +364,6 @@ def test_same_vocab_size_as_hf_trainer():
 
 
 # ----------------------------------------------------------------------------
-# corpus helpers
-
-def test_stdlib_python_files_and_texts():
-    files = stdlib_python_files()
-    assert files == sorted(files)
-    assert all(p.suffix == ".py" and "site-packages" not in p.parts for p in files)
-    assert any(p.name == "os.py" for p in files)
-    texts = list(stdlib_texts(1234))
-    assert sum(len(t.splitlines()) for t in texts) == 1234
-    assert texts[0] == files[0].read_bytes().decode("utf-8", errors="replace")[:len(texts[0])]
-
-
-# ----------------------------------------------------------------------------
 # command line
 
 def test_cli_encode_decode_round_trip(saved, tok):
@@ -398,18 +387,8 @@ def test_cli_train_applies_every_option(tmp_path):
     assert out.read_bytes() == expected.read_bytes()
 
 
-def test_cli_bench_runs_small():
-    result = run_cli("bench", "--lines", "1500", "--vocab-size", "600")
-    assert result.returncode == 0, result.stderr
-    output = result.stdout.decode()
-    assert "first 1500 lines" in output and "(600 tokens)" in output
-    assert "MB/s warm" in output
-    oracle("tokenizers")  # the comparison with Hugging Face's needs it: skipped here without it
-    assert "albor vs tokenizers" in output
-
-
 def test_cli_help_and_errors(saved, tmp_path):
-    for command in ([], ["train"], ["encode"], ["decode"], ["bench"]):
+    for command in ([], ["train"], ["encode"], ["decode"]):
         result = run_cli(*command, "--help")
         assert result.returncode == 0 and b"usage" in result.stdout
     bad = tmp_path / "bad.json"

@@ -16,9 +16,11 @@ import pytest
 from safetensors import safe_open
 
 import albor
+import checkpoint
+import cpu
 import train
-from tokenizer import EOT_ID, PAD_ID, Tokenizer, stdlib_python_files
-
+from tokenizer import EOT_ID, PAD_ID, Tokenizer
+from train import stdlib_python_files, stdlib_texts
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -138,6 +140,16 @@ def test_bad_flags_are_one_line_errors(argv, message, capsys):
 
 # -----------------------------------------------------------------------------
 # data
+
+
+def test_stdlib_python_files_and_texts():
+    files = stdlib_python_files()
+    assert files == sorted(files)
+    assert all(p.suffix == ".py" and "site-packages" not in p.parts for p in files)
+    assert any(p.name == "os.py" for p in files)
+    texts = list(stdlib_texts(1234))
+    assert sum(len(t.splitlines()) for t in texts) == 1234
+    assert texts[0] == files[0].read_bytes().decode("utf-8", errors="replace")[:len(texts[0])]
 
 
 def test_rows_are_tokens_then_eot_then_padding(tok_file):
@@ -275,7 +287,7 @@ def test_run_leaves_a_complete_checkpoint(trained):
                 "optimizer_seconds"):
         assert summary["timing"][key] > 0, key
     # the checkpoint loads back and gives the validation loss the run reported
-    config, params, step = albor.load_checkpoint(trained)
+    config, params, step = checkpoint.load_checkpoint(trained)
     assert config == albor.get_config("tiny") and step == 24
     tok = Tokenizer.load(trained / "tokenizer.json")
     state = read_json(trained, "trainer_state.json")
@@ -361,7 +373,7 @@ def test_gradient_accumulation_equals_one_big_batch(base, tmp_path, clipped_grad
 
 def test_train_step_on_worker_threads_equals_one_thread(clipped_grads):
     """train_step with the rows of each micro-batch shared out over 2 worker threads
-    (albor.DataParallel) hands clipping the same summed gradients, and returns the same loss
+    (cpu.DataParallel) hands clipping the same summed gradients, and returns the same loss
     and norm, as one thread does; it times forward, backward and optimizer as usual."""
     config = albor.get_config("tiny")
     rng = np.random.default_rng(1)
@@ -369,7 +381,7 @@ def test_train_step_on_worker_threads_equals_one_thread(clipped_grads):
     targets = rng.integers(0, 512, (2, 4, 16))
     targets[0, 1, 5:] = albor.IGNORE_INDEX                 # uneven shards within a micro-batch
     results = []
-    for workers in (None, albor.DataParallel(2)):
+    for workers in (None, cpu.DataParallel(2)):
         params = albor.init_params(config, seed=0)
         timing = {"forward_seconds": 0.0, "backward_seconds": 0.0, "optimizer_seconds": 0.0}
         results.append(train.train_step(params, config, albor.AdamW(params), list(inputs), list(targets),
@@ -395,7 +407,7 @@ def test_a_diverged_step_on_worker_threads_leaves_no_partial_gradients(monkeypat
         return float("nan"), cache
 
     monkeypatch.setattr(albor, "forward", nan_forward)
-    workers = albor.DataParallel(2)
+    workers = cpu.DataParallel(2)
     batch = list(np.random.default_rng(2).integers(0, 512, (1, 4, 16)))
     timing = {"forward_seconds": 0.0, "backward_seconds": 0.0, "optimizer_seconds": 0.0}
     with pytest.raises(train.Diverged, match="the loss is nan at step 5"):
