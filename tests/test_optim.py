@@ -16,6 +16,7 @@ import pytest
 
 import albor
 import checkpoint
+import cpu
 from albor import AdamW, clip_grad_norm, default_warmup, lr_at
 from checkpoint import CheckpointError
 from tests.oracles import oracle
@@ -156,6 +157,31 @@ def test_adamw_matches_torch():
         torch_opt.step()
     np.testing.assert_allclose(albor.to_numpy(params["w"]), tw.detach().numpy(), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(albor.to_numpy(params["n"]), tn.detach().numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_fast_adamw_is_adamw_block_by_block():
+    """cpu.FastAdamW (train.py's optimizer on a CPU: cache-sized blocks on two threads, eps and
+    the bias corrections folded into two scalars) takes the steps albor.AdamW's formula takes:
+    the same weights and state within float32 rounding (1e-6 of each tensor's scale), over
+    several steps, with decay on the matrices only, arrays larger than one block included."""
+    config = albor.get_config("tiny")
+    rng = np.random.default_rng(21)
+    plain_params = albor.init_params(config, seed=4)
+    plain_params["big"] = rng.standard_normal((3 * cpu.BLOCK_NUMBERS // 64 + 5, 64)).astype(np.float32)
+    fast_params = {name: p.copy() for name, p in plain_params.items()}
+    plain = AdamW(plain_params, betas=(0.8, 0.99), eps=1e-6, weight_decay=0.3)
+    fast = cpu.FastAdamW(fast_params, betas=(0.8, 0.99), eps=1e-6, weight_decay=0.3)
+    for step in range(1, 5):
+        grads = {name: rng.standard_normal(p.shape).astype(np.float32) * 10.0 ** -step
+                 for name, p in plain_params.items()}
+        plain.step(plain_params, {name: g.copy() for name, g in grads.items()}, lr=1e-2 / step)
+        fast.step(fast_params, grads, lr=1e-2 / step)
+        for name in plain_params:
+            for got, want in ((fast_params[name], plain_params[name]), (fast.m[name], plain.m[name]),
+                              (fast.v[name], plain.v[name])):
+                np.testing.assert_allclose(got, want, rtol=0, atol=1e-6 * np.abs(want).max(),
+                                           err_msg=f"step {step}: {name}")
+    assert fast.t == plain.t == 4
 
 
 def test_adamw_rejects_bad_settings():
