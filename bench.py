@@ -6,6 +6,8 @@
     python bench.py --attention --batch-sizes 4 8 --seq-lens 512 1024
     python bench.py --train-steps 31                  # the training of `train.py --rows 500`
     python bench.py --tokenizer                       # tokenizer.py beside Hugging Face tokenizers
+    python bench.py --config workshop                 # the workshop preset's step (16 x 256 tokens)
+    python bench.py --learning checkpoints/workshop   # bits per byte on held-out Python, beside gzip/xz
 
 What it measures, in order:
 1. The machine's float32 GEMM rate, with albor's own array library (NumPy on a CPU,
@@ -34,6 +36,9 @@ the ratio. With --attention, only this instead: causal GQA attention forward + b
 preset's heads, over batch sizes x sequence lengths, through albor's reference code
 (ALBOR_KERNELS=0's path), its kernels.cu (on a GPU) and PyTorch's
 scaled_dot_product_attention (if installed); the paths' results must agree first.
+With --learning DIR, only what the checkpoint in DIR has learned: its bits per byte on held-out
+Python (by default the source of the installed tqdm package: neither trained nor validated on),
+each file on its own, beside gzip -9 and xz -9e compressing each file alone.
 
 As train.py, bench.py sets OPENBLAS_NUM_THREADS=1 before NumPy loads (unless it is
 set already): on a CPU cpu.DataParallel's worker threads, one per core, share out
@@ -43,11 +48,13 @@ MFU is measured against the faster of the two.
 """
 import argparse
 import collections
+import math
 import os
 import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 if "numpy" not in sys.modules:  # as train.py: single-threaded BLAS, the cores go to
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # cpu.DataParallel's worker threads
@@ -723,6 +730,66 @@ def tokenizer_benchmark(lines, vocab_size):
 
 
 # ----------------------------------------------------------------------------
+# 8. what a checkpoint has learned (--learning): bits per byte on held-out Python beside gzip and xz
+
+def held_out_files(path):
+    """The .py files under path (a folder) or path itself (a file), sorted; by default the installed
+    tqdm package's source: Python that no run trains or validates on (the runs read the standard
+    library, and tqdm is not part of it)."""
+    if path is None:
+        import tqdm as package
+        path = os.path.dirname(package.__file__)
+    files = sorted(Path(path).rglob("*.py")) if os.path.isdir(path) else [Path(path)]
+    if not files or not all(f.is_file() for f in files):
+        raise SystemExit(f"error: --held-out {path}: no .py files there")
+    return files
+
+
+def learning_benchmark(folder, held_out):
+    """The checkpoint's bits per byte on each held-out file alone (train.pack_windows of the file:
+    its tokens after an <|endoftext|>, in windows of the run's --seq-len, every byte predicted),
+    summed over the files; gzip -9 and xz -9e (Python's gzip and lzma, the same formats and
+    levels as the command-line tools) compressing each file alone; and the run's own figure."""
+    import gzip
+    import lzma
+
+    import sample
+    import train
+    try:
+        config, params, tok = sample.load(folder)
+    except sample.SampleError as e:
+        raise SystemExit(f"error: {e}") from None
+    state_path = Path(folder) / train.TRAINER_STATE
+    run_args = train.read_json(state_path, "the run's state")["args"] if state_path.exists() else {}
+    seq_len = run_args.get("seq_len", config.max_position_embeddings)
+    workers = cpu.DataParallel(cpu.cpu_workers())
+    files = held_out_files(held_out)
+    totals = collections.Counter()
+    for path in tqdm(files, desc="held-out files", unit="file", leave=False):
+        data = path.read_bytes()
+        inputs, targets = train.pack_windows(tok, [data.decode("utf-8", errors="replace")], seq_len)
+        n_targets = int((targets != albor.IGNORE_INDEX).sum())
+        if n_targets:
+            totals["nats"] += train.evaluate(params, config, inputs, targets, 16, workers) * n_targets
+        totals.update(tokens=n_targets, text_bytes=train.target_bytes(tok, targets), bytes=len(data),
+                      gzip=len(gzip.compress(data, compresslevel=9)),
+                      xz=len(lzma.compress(data, preset=9 | lzma.PRESET_EXTREME)))
+    print(f"held-out Python: {len(files)} files under {os.path.commonpath([str(f) for f in files])} "
+          f"({totals['bytes']:,} bytes, {totals['tokens']:,} tokens), each file on its own")
+    print(f"  {'':<44} {'bits per byte':>13}")
+    model_bpb = totals["nats"] / math.log(2) / totals["text_bytes"]
+    print(f"  {'albor ' + folder + ' (windows of ' + str(seq_len) + ')':<44} {model_bpb:>13.3f}")
+    print(f"  {'gzip -9':<44} {8 * totals['gzip'] / totals['bytes']:>13.3f}")
+    print(f"  {'xz -9e':<44} {8 * totals['xz'] / totals['bytes']:>13.3f}")
+    summary_path = Path(folder) / train.FINAL_MODEL
+    summary = train.read_json(summary_path, "the run's summary") if summary_path.exists() else {}
+    if summary.get("val_bpb") is not None:
+        print(f"  the run's own validation (held-out documents of its corpus): {summary['val_bpb']:.3f} "
+              f"bits per byte after {summary.get('tokens', 0):,} tokens of training")
+    return 0
+
+
+# ----------------------------------------------------------------------------
 # report
 
 def blas_description():
@@ -773,17 +840,30 @@ def print_step_table(albor_times, torch_times, tokens, floor_seconds, grad_accum
               "than during the steps (a shared machine); run again")
 
 
+def preset_step(config_name):
+    """The micro-batch and accumulation train.py uses for a preset: its DEFAULTS, or the preset's
+    own training settings (train.PRESET_SETTINGS), e.g. workshop's 16 x 256 tokens."""
+    import train   # here, not at the top: train.py's settings, not its run
+    settings = {**train.DEFAULTS, **train.PRESET_SETTINGS.get(config_name, {})}
+    return {name: settings[name] for name in ("batch_size", "seq_len", "grad_accum")}
+
+
 def parse_args(argv):
     parser = argparse.ArgumentParser(
         description="Time albor's training step (forward, backward, optimizer) against this "
                     "machine's own GEMM rate, and against PyTorch if it is installed.")
     parser.add_argument("--config", default="albor-base-50m", choices=list(albor.PRESETS),
                         help="model preset (default albor-base-50m)")
-    parser.add_argument("--batch-size", type=int, help="sequences per micro-batch (default 4)")
-    parser.add_argument("--seq-len", type=int, help="tokens per sequence (default 128)")
-    parser.add_argument("--grad-accum", type=int, default=GRAD_ACCUM,
+    parser.add_argument("--batch-size", type=int,
+                        help="sequences per micro-batch (default: train.py's for the preset, 4 for "
+                             "albor-base-50m)")
+    parser.add_argument("--seq-len", type=int,
+                        help="tokens per sequence (default: train.py's for the preset, 128 for "
+                             "albor-base-50m)")
+    parser.add_argument("--grad-accum", type=int,
                         help="micro-batches per optimizer step, as in train.py: the optimizer's time "
-                             f"is shared over them in the 'in training' figures (default {GRAD_ACCUM})")
+                             f"is shared over them in the 'in training' figures (default: train.py's "
+                             f"for the preset, {GRAD_ACCUM} for albor-base-50m)")
     parser.add_argument("--repeats", type=int, default=7,
                         help="timed steps (or attention runs) after the warmup; medians are reported "
                              "(default 7)")
@@ -800,6 +880,12 @@ def parse_args(argv):
     parser.add_argument("--seq-lens", type=int, nargs="+",
                         help=f"with --attention: sequence lengths to sweep (default {GPU_SEQ_LENS} on "
                              f"a GPU, {CPU_SEQ_LENS} on a CPU)")
+    parser.add_argument("--learning", metavar="DIR",
+                        help="only what the checkpoint in DIR has learned: bits per byte on held-out "
+                             "Python files, each on its own, beside gzip -9 and xz -9e")
+    parser.add_argument("--held-out", metavar="PATH",
+                        help="with --learning: a folder of .py files or one file (default: the "
+                             "installed tqdm package's source)")
     parser.add_argument("--tokenizer", action="store_true",
                         help="time only tokenizer.py's BPE training and encoding on the stdlib, beside "
                              "Hugging Face tokenizers if installed")
@@ -809,6 +895,13 @@ def parse_args(argv):
                         help="with --tokenizer: tokens to train (default 32768)")
     args = parser.parse_args(argv)
     config = albor.get_config(args.config)
+    if args.held_out is not None and args.learning is None:
+        parser.error("--held-out only applies with --learning")
+    if args.learning is not None:
+        if args.tokenizer or args.attention or args.train_steps is not None:
+            parser.error("--learning, --tokenizer, --attention and --train-steps are separate benchmarks: "
+                         "give one")
+        return args, config
     if args.tokenizer:
         if args.attention or args.train_steps is not None:
             parser.error("--tokenizer, --attention and --train-steps are separate benchmarks: give one")
@@ -830,8 +923,10 @@ def parse_args(argv):
         parser.error("--batch-sizes and --seq-lens only apply with --attention")
     if args.train_steps is not None and args.train_steps < 1:
         parser.error("--train-steps must be at least 1")
-    args.batch_size = 4 if args.batch_size is None else args.batch_size
-    args.seq_len = 128 if args.seq_len is None else args.seq_len
+    preset = preset_step(args.config)
+    args.batch_size = preset["batch_size"] if args.batch_size is None else args.batch_size
+    args.seq_len = preset["seq_len"] if args.seq_len is None else args.seq_len
+    args.grad_accum = preset["grad_accum"] if args.grad_accum is None else args.grad_accum
     if min(args.batch_size, args.seq_len, args.repeats, args.grad_accum) < 1:
         parser.error("--batch-size, --seq-len, --grad-accum and --repeats must be at least 1")
     if args.seq_len > config.max_position_embeddings:
@@ -842,6 +937,8 @@ def parse_args(argv):
 
 def main(argv=None):
     args, config = parse_args(argv)
+    if args.learning is not None:
+        return learning_benchmark(args.learning, args.held_out)
     if args.tokenizer:
         return tokenizer_benchmark(args.lines, args.vocab_size)
     if args.attention:

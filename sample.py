@@ -20,7 +20,8 @@ What happens, in the order of the functions below:
 
 Evaluation (train.py calls it at the end of a run and with --eval-only): parse_rate() samples
 N completions of short prompts and reports the share that Python's own parser (ast.parse)
-accepts, a structural measure of "is this code" that a loss value does not give.
+accepts and that hold at least 3 lines of code (not blank, not comments), a structural measure
+of "is this code" that a loss value does not give.
 """
 import argparse
 import ast
@@ -39,6 +40,7 @@ from tokenizer import EOT_ID, Tokenizer
 TOKENIZER_FILE = "tokenizer.json"
 REPLACEMENT = "\ufffd"  # what decode makes of bytes that are not (yet) a whole UTF-8 character
 DEFAULT_PROMPTS = ["import ", "def ", "class "]  # parse_rate's prompts when there is no held-out text
+MIN_CODE_LINES = 3  # a completion counts as parsed only with this many lines that are not blank or comments
 
 
 class SampleError(Exception):
@@ -230,37 +232,65 @@ def eval_prompts(texts):
     return prompts or list(DEFAULT_PROMPTS)
 
 
+def code_lines(text):
+    """The lines of text that are neither blank nor comments.
+    Example: code_lines("# setup\\n\\nx = 1\\n    y = 2  # two\\n") -> 2."""
+    return sum(1 for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#"))
+
+
+def completion_text(prompt, new_text, finished):
+    """What parse_rate parses: the prompt plus the completion, and when the model ran out of
+    tokens instead of writing <|endoftext|> (finished False), cut after its last newline (an
+    unfinished last line is no fault of the model's). Example: ("x = 1\\n", "y = 2\\nz = (", False)
+    -> "x = 1\\ny = 2\\n"."""
+    text = prompt + new_text
+    return text if finished else text[:text.rfind("\n") + 1]
+
+
+def verdict(prompt, text):
+    """How parse_rate counts one sample's text (completion_text's, prompt included): "valid" when
+    ast.parse accepts it and the completion (after the prompt) has at least MIN_CODE_LINES lines
+    of code (code_lines), "trivial" when it parses with fewer, "invalid" when it does not parse.
+    Example: ("x = 1\\n", "x = 1\\n# done\\n") -> "trivial"."""
+    if not is_valid_python(text):
+        return "invalid"
+    return "valid" if code_lines(text[len(prompt):]) >= MIN_CODE_LINES else "trivial"
+
+
 def parse_rate(params, config, tok, prompts, n_samples, max_new_tokens=128, temperature=0.8,
                top_k=0, top_p=0.95, seed=0):
-    """Sample n_samples completions and return how many ast.parse accepts, as a dict:
-    {"parse_rate": parsed / n_samples (None for 0 samples), "parsed", "samples", and the settings}.
+    """Sample n_samples completions and count the non-trivial valid Python ones, as a dict:
+    {"parse_rate": parsed / n_samples (None for 0 samples), "parsed" (verdict "valid"),
+    "parsed_any" (every text that parses), "samples", "texts", "verdicts", and the settings}.
 
-    Sample i continues prompts[i % len(prompts)] with seed + i. Its text is the prompt plus the
-    completion; when the model ran out of max_new_tokens instead of writing <|endoftext|>, the
-    unfinished last line is dropped (cut after the last newline) before parsing.
+    Sample i continues prompts[i % len(prompts)] with seed + i; its text is completion_text's
+    and its verdict verdict's, so a model that writes only blank lines, comments or nothing
+    cannot score.
     """
     if n_samples < 0 or not prompts:
         raise ValueError("parse_rate needs n_samples >= 0 and at least one prompt")
-    parsed = 0
+    texts, verdicts = [], []
     for i in range(n_samples):
         prompt = prompts[i % len(prompts)]
         new_ids = generate(params, config, tok.encode(prompt), max_new_tokens, temperature,
-                                 top_k, top_p, seed=seed + i, eos_id=EOT_ID, vocab_size=tok.vocab_size)
-        text = prompt + tok.decode(new_ids)
-        if len(new_ids) == max_new_tokens:  # cut off, not finished: drop the partial last line
-            text = text[:text.rfind("\n") + 1]
-        parsed += is_valid_python(text)
+                           top_k, top_p, seed=seed + i, eos_id=EOT_ID, vocab_size=tok.vocab_size)
+        texts.append(completion_text(prompt, tok.decode(new_ids), finished=len(new_ids) < max_new_tokens))
+        verdicts.append(verdict(prompt, texts[-1]))
+    parsed = verdicts.count("valid")
     return {"parse_rate": parsed / n_samples if n_samples else None, "parsed": parsed,
+            "parsed_any": parsed + verdicts.count("trivial"), "min_code_lines": MIN_CODE_LINES,
             "samples": n_samples, "max_new_tokens": max_new_tokens, "temperature": temperature,
-            "top_k": top_k, "top_p": top_p, "seed": seed}
+            "top_k": top_k, "top_p": top_p, "seed": seed, "texts": texts, "verdicts": verdicts}
 
 
 def describe_parse_rate(result):
-    """parse_rate's result as one line: "parse rate 25%: 2 of 8 sampled completions are valid Python"."""
+    """parse_rate's result as one line: "parse rate 25%: 2 of 8 sampled completions are valid
+    Python with at least 3 lines of code (ast.parse; 5 of 8 parse at all)"."""
     if not result["samples"]:
         return "parse rate: not measured (0 samples)"
     return (f"parse rate {result['parse_rate']:.0%}: {result['parsed']} of {result['samples']} sampled "
-            f"completions are valid Python (ast.parse)")
+            f"completions are valid Python with at least {result['min_code_lines']} lines of code "
+            f"(ast.parse; {result['parsed_any']} of {result['samples']} parse at all)")
 
 
 # -----------------------------------------------------------------------------

@@ -1,17 +1,22 @@
-"""Train albor on Python code: `python train.py --rows 500`.
+"""Train albor on Python code: `python train.py --rows 500` (the model card's run), or
+`python train.py --config workshop --minutes 15` (a model that learns to write Python).
 
 What a run does, in the order of the sections below:
 
-1. Settings: the command line (defaults = the model card's run). `--resume DIR`
-   continues a saved run with its saved settings; `--init DIR` starts a new run
-   from a checkpoint's weights. Both take the model's shape from DIR/config.json.
-2. Data: the documents of a corpus (default: the .py files of this Python's
-   standard library, no download needed), in sorted order, then shuffled with
-   --seed. The first --val-rows documents are held out for validation, the next
-   --rows are the training rows. One document is one row: tokenized,
-   <|endoftext|> appended, cut to --seq-len + 1 tokens, padded with <|pad|>.
-   A row of T + 1 tokens gives T inputs and T targets (the same row shifted by
-   one); targets that are padding are set to IGNORE_INDEX, so the loss skips them.
+1. Settings: the command line (defaults = the model card's run). A preset (--config) brings the
+   model's shape and may bring its own training settings (PRESET_SETTINGS: workshop's packed data,
+   context, batch, learning rate), which the flags given override. `--resume DIR` continues a
+   saved run with its saved settings; `--init DIR` starts a new run from a checkpoint's weights.
+   Both take the model's shape from DIR/config.json.
+2. Data: the documents of a corpus (default: the .py files of this Python's standard library,
+   no download needed), in sorted order, then shuffled with --seed. The first --val-rows
+   documents are held out for validation, the next --rows are for training. Two modes:
+   rows (the model card's): one document is one row: tokenized, <|endoftext|> appended, cut to
+   --seq-len + 1 tokens, padded with <|pad|>. packed: the documents joined into one token
+   stream, each after an <|endoftext|>, cut into windows of --seq-len + 1 tokens that overlap
+   by one, so every token is trained on (what nanoGPT and llm.c do). A row (or window) of
+   T + 1 tokens gives T inputs and T targets (the same row shifted by one); targets that are
+   padding are set to IGNORE_INDEX, so the loss skips them.
 3. Tokenizer: --tokenizer FILE, or one trained on the corpus's first 100K lines
    (vocabulary = the config's vocab_size) on first use, cached in a
    `tokenizers/` folder next to the run folder.
@@ -23,24 +28,29 @@ What a run does, in the order of the sections below:
    single-threaded BLAS: set below, before NumPy loads). On a GPU, --dtype
    tf32/bf16/fp16 runs the matmuls in that precision (gpu.py; fp16 with dynamic
    loss scaling: a step whose gradients overflow is skipped).
-5. The run: setup (model, data, optimizer), the loop (a step, a line in
-   metrics.jsonl, a checkpoint every --save-every steps), and the finish:
-   validation loss, the parse rate (the share of --eval-samples sampled
-   completions that ast.parse accepts, see sample.py), the checkpoint and a
-   summary. `--eval-only --resume DIR` computes just these for DIR.
+5. The run: setup (model, data, optimizer), with --minutes the schedule fitted to the time
+   budget, the loop (a step, a line in metrics.jsonl, a validation every --eval-every steps, a
+   checkpoint every --save-every steps), and the finish: validation loss (also in bits per
+   byte), the parse rate (the share of --eval-samples sampled completions that ast.parse
+   accepts with at least 3 lines of code, see sample.py) with a few samples, the checkpoint,
+   the loss plot and a summary. `--eval-only --resume DIR` computes just these for DIR.
 
 The run folder (--out, default checkpoints/<config>):
     model.safetensors, config.json, tokenizer.json   a Hugging Face LlamaForCausalLM folder
     optimizer.safetensors, trainer_state.json        what --resume needs
-    metrics.jsonl                                    one JSON line per optimizer step
-    final_model.json                                 losses, parse rate, timing and provenance of the run
+    metrics.jsonl                                    one JSON line per optimizer step (and the
+                                                     validations: val_loss, val_bpb)
+    final_model.json                                 losses, parse rate, samples, timing and provenance
+    loss.png                                         training and validation loss over the steps
 
 Ctrl-C stops after the current step and saves a checkpoint that --resume
 continues exactly (same final weights, byte for byte, as a run never stopped).
 """
 import argparse
+import collections
 import contextlib
 import hashlib
+import io
 import json
 import math
 import os
@@ -82,26 +92,47 @@ class RunError(Exception):
 # 1. Settings
 
 DEFAULTS = {   # the model card's run
-    "config": "albor-base-50m", "data": None, "rows": 500, "val_rows": 50, "seq_len": 128,
-    "batch_size": 4, "grad_accum": 4, "max_steps": None, "lr": 6e-4, "min_lr": None,
-    "warmup": None, "beta1": 0.9, "beta2": 0.95, "eps": 1e-8, "weight_decay": 0.1,
+    "config": "albor-base-50m", "data": None, "data_mode": "rows", "rows": 500, "val_rows": 50,
+    "seq_len": 128, "batch_size": 4, "grad_accum": 4, "max_steps": None, "minutes": None, "lr": 6e-4,
+    "min_lr": None, "warmup": None, "beta1": 0.9, "beta2": 0.95, "eps": 1e-8, "weight_decay": 0.1,
     "grad_clip": 1.0, "seed": 0, "out": None, "resume": None, "init": None, "tokenizer": None,
-    "save_every": 0, "eval_samples": 8, "eval_only": False, "dtype": "fp32",
+    "save_every": 0, "eval_every": 0, "eval_samples": 8, "eval_only": False, "dtype": "fp32",
+}
+# A preset brings the model's shape (albor.PRESETS) and may bring training settings too: these
+# replace DEFAULTS for --config NAME, and a flag given on the command line replaces them in turn.
+# workshop: a model that learns to write Python within minutes on a 2-core laptop CPU (README:
+# "A run that learns Python"); the whole recipe is `python train.py --config workshop --minutes 15`.
+PRESET_SETTINGS = {
+    "workshop": {"data_mode": "packed", "rows": None, "val_rows": 20, "seq_len": 256, "batch_size": 16,
+                 "grad_accum": 1, "lr": 3e-3, "warmup": 50, "eval_every": 50, "eval_samples": 32},
 }
 # With --resume these define the rows a step reads; changing them would not continue the run.
-DATA_SETTINGS = ("data", "rows", "val_rows", "seq_len", "seed")
+DATA_SETTINGS = ("data", "data_mode", "rows", "val_rows", "seq_len", "seed")
+
+
+def count_or_all(text):
+    """--rows's type: a positive count, or "all" (None)."""
+    return None if text == "all" else int(text)
+
 
 FLAGS = [   # (flag, help, argparse options), in --help's order
-    ("--config", f"model preset: {', '.join(albor.PRESETS)}; with --resume/--init the model's "
-                 "shape comes from the checkpoint and a different --config is an error", {}),
+    ("--config", f"model preset: {', '.join(albor.PRESETS)}; a preset may also bring training "
+                 "settings (shown below as 'NAME: value'), used where no flag is given; with "
+                 "--resume/--init the model's shape comes from the checkpoint and a different "
+                 "--config is an error", {}),
     ("--data", "training text: a folder (every file in it, one row each), a .txt file (one "
                "row per blank-line-separated block) or a .jsonl file (one row per line's "
                "\"text\"); default: the .py files of this Python's standard library",
      dict(metavar="PATH")),
-    ("--rows", "training rows (documents); one pass over them is the default run length",
+    ("--data-mode", "rows: one document a row, cut to --seq-len + 1 tokens and padded (the model "
+                    "card's run: the model sees each file's beginning only); packed: the documents "
+                    "joined into one token stream, each after <|endoftext|>, cut into windows of "
+                    "--seq-len tokens (every token is trained on)", dict(choices=("rows", "packed"))),
+    ("--rows", "training documents ('all': every one); in rows mode one row each; one pass over "
+               "the rows (or windows) is the default run length", dict(type=count_or_all, metavar="N")),
+    ("--val-rows", "documents held out for the validation loss (0: none); never trained on",
      dict(type=int, metavar="N")),
-    ("--val-rows", "documents held out for the validation loss (0: none)", dict(type=int, metavar="N")),
-    ("--seq-len", "tokens per row seen by the model (rows are cut to this + 1 and padded)",
+    ("--seq-len", "tokens per row (or window) seen by the model (rows are cut to this + 1 and padded)",
      dict(type=int, metavar="T")),
     ("--batch-size", "rows per micro-batch (one forward + backward)", dict(type=int, metavar="B")),
     ("--grad-accum", "micro-batches per optimizer step (their gradients are summed)",
@@ -109,6 +140,11 @@ FLAGS = [   # (flag, help, argparse options), in --help's order
     ("--max-steps", "optimizer steps; default: one pass over the training rows "
                     "(rows // (batch-size * grad-accum)); more passes reshuffle the rows",
      dict(type=int, metavar="N")),
+    ("--minutes", "a time budget instead of --max-steps: the first steps are timed (on a scratch "
+                  "copy of the model), max-steps becomes the number that fit in the budget, counted "
+                  "from the start of train.py, and the schedule ends there; the run stops at the "
+                  "budget at the latest and then evaluates and saves as usual",
+     dict(type=float, metavar="M")),
     ("--lr", "peak learning rate", dict(type=float)),
     ("--min-lr", "learning-rate floor the cosine decays to; default: lr / 10", dict(type=float)),
     ("--warmup", "linear warmup steps (0: start at the peak); default: 10%% of the steps, "
@@ -130,8 +166,12 @@ FLAGS = [   # (flag, help, argparse options), in --help's order
                     "else one trained on the corpus (cached)", dict(metavar="FILE")),
     ("--save-every", "also save a checkpoint every N steps (0: only at the end and on Ctrl-C)",
      dict(type=int, metavar="N")),
+    ("--eval-every", "validation loss every N steps (and before the first and after the last), "
+                     "in metrics.jsonl and the loss plot (0: at the end only)",
+     dict(type=int, metavar="N")),
     ("--eval-samples", "at the end, sample N completions of the held-out documents' first lines "
-                       "and report the share that ast.parse accepts (the parse rate; 0: skip)",
+                       "and report the share that ast.parse accepts with at least 3 lines of code "
+                       "(the parse rate; 0: skip)",
      dict(type=int, metavar="N")),
     ("--eval-only", "evaluate the --resume checkpoint instead of training: validation loss, "
                     "perplexity and parse rate, printed and written to its final_model.json",
@@ -158,24 +198,33 @@ def build_parser():
                "  python train.py --init checkpoints/albor-base-50m --data my_code/ --out runs/ft",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     for name, help, options in FLAGS:
-        default = DEFAULTS[name.lstrip("-").replace("-", "_")]
-        parser.add_argument(name, help=help + (f" (default: {default})" if default is not None else ""),
-                            **options)
+        parser.add_argument(name, help=help + defaults_shown(name.lstrip("-").replace("-", "_")), **options)
     return parser
+
+
+def defaults_shown(key):
+    """--help's note on a setting's defaults, e.g. " (default: 128; workshop: 256)"."""
+    shown = [f"default: {DEFAULTS[key]}"] if DEFAULTS[key] is not None else []
+    shown += [f"{preset}: {'all' if settings[key] is None else settings[key]}"
+              for preset, settings in PRESET_SETTINGS.items() if key in settings]
+    return f" ({'; '.join(shown)})" if shown else ""
 
 
 def parse_settings(argv):
     """(settings dict, names of the flags given on the command line); bad values -> parser.error."""
     parser = build_parser()
     given = vars(parser.parse_args(argv))
-    args = {**DEFAULTS, **given}
+    args = {**DEFAULTS, **PRESET_SETTINGS.get(given.get("config"), {}), **given}
     checks = [
-        (args["rows"] >= 1, "--rows must be at least 1"),
+        (args["rows"] is None or args["rows"] >= 1, "--rows must be at least 1 (or all)"),
         (args["val_rows"] >= 0, "--val-rows must be 0 or more"),
         (args["seq_len"] >= 1, "--seq-len must be at least 1"),
         (args["batch_size"] >= 1, "--batch-size must be at least 1"),
         (args["grad_accum"] >= 1, "--grad-accum must be at least 1"),
         (args["max_steps"] is None or args["max_steps"] >= 1, "--max-steps must be at least 1"),
+        (args["minutes"] is None or args["minutes"] > 0, "--minutes must be positive"),
+        (not {"minutes", "max_steps"} <= set(given), "--minutes and --max-steps exclude each other "
+                                                     "(--minutes sets max-steps to the steps that fit)"),
         (args["lr"] > 0, "--lr must be positive"),
         (args["min_lr"] is None or 0 <= args["min_lr"] <= args["lr"], "--min-lr must lie in [0, --lr]"),
         (args["warmup"] is None or args["warmup"] >= 0, "--warmup must be 0 or more"),
@@ -185,6 +234,7 @@ def parse_settings(argv):
         (args["weight_decay"] >= 0, "--weight-decay must be 0 or more"),
         (args["grad_clip"] >= 0, "--grad-clip must be 0 or more"),
         (args["save_every"] >= 0, "--save-every must be 0 or more"),
+        (args["eval_every"] >= 0, "--eval-every must be 0 or more"),
         (args["eval_samples"] >= 0, "--eval-samples must be 0 or more"),
         (not args["eval_only"] or args["resume"], "--eval-only needs --resume DIR (the checkpoint to evaluate)"),
         (args["config"] in albor.PRESETS, f"--config {args['config']!r} is not a preset; "
@@ -196,7 +246,7 @@ def parse_settings(argv):
     for ok, message in checks:
         if not ok:
             parser.error(message)
-    for name in ("lr", "min_lr", "beta1", "beta2", "eps", "weight_decay", "grad_clip"):
+    for name in ("lr", "min_lr", "beta1", "beta2", "eps", "weight_decay", "grad_clip", "minutes"):
         if args[name] is not None and not math.isfinite(args[name]):
             parser.error(f"--{name.replace('_', '-')} must be a finite number")
     return args, set(given)
@@ -222,12 +272,16 @@ def merge_resumed_settings(args, given):
     saved = state.get("args")
     if not isinstance(saved, dict) or "step" not in state:
         raise RunError(f"{os.path.join(args['resume'], TRAINER_STATE)}: not a trainer state (no args/step)")
-    for name in DATA_SETTINGS:
-        if name in given and args[name] != saved.get(name):
-            raise RunError(f"--{name.replace('_', '-')} {args[name]} differs from the resumed run's "
-                           f"{saved.get(name)}: --resume continues that run on its data "
-                           "(use --init to train these weights on other data)")
     merged = {**DEFAULTS, **saved}
+    for name in DATA_SETTINGS:
+        if name in given and args[name] != merged[name]:
+            raise RunError(f"--{name.replace('_', '-')} {args[name]} differs from the resumed run's "
+                           f"{merged[name]}: --resume continues that run on its data "
+                           "(use --init to train these weights on other data)")
+    if "minutes" in given:        # a new time budget: the remaining steps are fitted to it again
+        merged["max_steps"] = None
+    if "max_steps" in given:      # a step count replaces the budget the saved run was fitted to
+        merged["minutes"] = None
     for name in given:
         if name not in DATA_SETTINGS and merged.get(name) != args[name]:
             if name not in ("resume", "out", "config", "tokenizer", "eval_only") and name in saved:
@@ -351,9 +405,10 @@ class Corpus:
 
 def take_documents(corpus, args):
     """(validation texts, training texts): the first --val-rows + --rows documents of the
-    corpus shuffled with --seed (the validation ones first, so they never change with --rows)."""
+    corpus shuffled with --seed (the validation ones first, so they never change with --rows;
+    --rows all: every document after them)."""
     order = np.random.default_rng(args["seed"]).permutation(len(corpus.items))
-    wanted = args["val_rows"] + args["rows"]
+    wanted = None if args["rows"] is None else args["val_rows"] + args["rows"]
     texts = []
     for text in corpus.documents(order):
         texts.append(text)
@@ -362,11 +417,12 @@ def take_documents(corpus, args):
     if not texts:
         raise RunError(f"no usable text in {corpus.description} ({corpus.skipped} files or lines "
                        "skipped: unreadable or not UTF-8)")
-    if len(texts) - args["val_rows"] < args["batch_size"]:
+    if len(texts) <= args["val_rows"] or (args["data_mode"] == "rows"
+                                          and len(texts) - args["val_rows"] < args["batch_size"]):
         raise RunError(f"{corpus.description} has {len(texts)} usable documents: after --val-rows "
                        f"{args['val_rows']} that is fewer than one batch of --batch-size "
                        f"{args['batch_size']} rows")
-    if len(texts) < wanted:
+    if wanted is not None and len(texts) < wanted:
         print(f"note: {corpus.description} has only {len(texts)} usable documents: "
               f"{len(texts) - args['val_rows']} training rows instead of {args['rows']}")
     return texts[:args["val_rows"]], texts[args["val_rows"]:]
@@ -402,13 +458,52 @@ def make_rows(tok, texts, seq_len):
     return inputs, targets
 
 
+def pack_windows(tok, texts, seq_len, progress=False):
+    """(inputs, targets), both (N, seq_len) int32: the texts as one token stream, each text after
+    an <|endoftext|>, cut into windows of seq_len + 1 tokens that overlap by one (window i is
+    stream[i*T : i*T + T + 1]), so every token but the stream's first is a target exactly once,
+    each document's first token too (predicted from "a new document starts"). The last window is
+    padded; its padding targets are IGNORE_INDEX. This is packed mode's data (--data-mode packed).
+
+    Example, seq_len 3, texts "ab" and "c" as tokens a b and c: the stream EOT a b EOT c gives
+    inputs [[EOT, a, b], [EOT, c, PAD]] and targets [[a, b, EOT], [c, -100, -100]].
+    """
+    documents = tqdm(texts, desc="encoding", unit="doc", leave=False, disable=not progress)
+    pieces = [np.array([EOT_ID] + tok.encode(text), dtype=np.int32) for text in documents]
+    stream = np.concatenate(pieces) if pieces else np.zeros(1, dtype=np.int32)  # (L,)
+    n_windows = -(-(len(stream) - 1) // seq_len)                              # ceil((L - 1) / T)
+    padded = np.full(n_windows * seq_len + 1, PAD_ID, dtype=np.int32)
+    padded[:len(stream)] = stream
+    inputs = padded[:-1].reshape(n_windows, seq_len)                           # (N, T)
+    targets = padded[1:].reshape(n_windows, seq_len).copy()                    # (N, T), shifted by one
+    targets[targets == PAD_ID] = albor.IGNORE_INDEX
+    return inputs, targets
+
+
+def make_data(tok, texts, args, progress=False):
+    """(inputs, targets) of the texts in the run's --data-mode: rows (make_rows) or packed windows
+    (pack_windows)."""
+    if args["data_mode"] == "packed":
+        return pack_windows(tok, texts, args["seq_len"], progress)
+    return make_rows(tok, texts, args["seq_len"])
+
+
+def target_bytes(tok, targets):
+    """The number of bytes of text the counted targets stand for (the special tokens: none), to
+    turn a loss per token into bits per byte (bits_per_byte)."""
+    lengths = np.array([len(b) for b in tok.token_bytes], dtype=np.int64)    # (V,)
+    lengths[[EOT_ID, PAD_ID]] = 0
+    counted = albor.to_numpy(targets)[albor.to_numpy(targets) != albor.IGNORE_INDEX]
+    return int(lengths[counted].sum())
+
+
 def micro_batch_rows(step, micro, args, n_rows):
     """Indices of the rows in micro-batch `micro` (0-based) of optimizer step `step` (1-based).
 
     A pure function of the step, so a resumed run reads exactly the rows the
     uninterrupted run would have: micro-batch k = (step - 1) * grad_accum + micro
     of the whole run falls in pass (epoch) k // per_pass over the rows, each pass
-    in its own order drawn from (seed, pass).
+    in its own order drawn from (seed, pass). (Rows here are packed mode's windows too.)
     """
     batch_size = args["batch_size"]
     k = (step - 1) * args["grad_accum"] + micro
@@ -569,10 +664,19 @@ def perplexity(loss):
     return math.exp(min(loss, 700.0)) if loss is not None else None
 
 
+def bits_per_byte(loss, n_targets, n_bytes):
+    """A mean loss in nats per token over n_targets tokens that spell n_bytes bytes, as bits per
+    byte: loss * n_targets / n_bytes / ln 2 (what a compressor built on the model would need).
+    Example: bits_per_byte(math.log(256), 100, 100) -> 8.0 (a uniform guess over bytes)."""
+    if loss is None or not n_bytes:
+        return None
+    return loss * n_targets / n_bytes / math.log(2)
+
+
 def parse_eval(params, config, tok, val_texts, args):
     """The parse rate (sample.parse_rate): the share of --eval-samples completions of the held-out
-    documents' first lines that ast.parse accepts, up to 128 new tokens each (fewer if the
-    context is short), seeded with --seed."""
+    documents' first lines that ast.parse accepts with at least 3 lines of code, up to 128 new
+    tokens each (fewer if the context is short), seeded with --seed."""
     max_new_tokens = min(128, config.max_position_embeddings // 2)
     return sample.parse_rate(params, config, tok, sample.eval_prompts(val_texts), args["eval_samples"],
                              max_new_tokens=max_new_tokens, seed=args["seed"])
@@ -584,13 +688,14 @@ def parse_eval(params, config, tok, val_texts, args):
 # A run's state travels in one object, `run` (a SimpleNamespace), filled in by setup():
 #   args, config, config_name, out, state (the resumed run's trainer_state, or None),
 #   corpus, tok, tok_data, tok_origin, val_texts, train_inputs/targets, val_inputs/targets,
-#   max_steps, warmup, min_lr, steps_per_pass, tokens_per_step, provenance,
-#   params, optimizer, scaler, workers, start_step, loss_curve, timing, last_saved.
+#   val_bytes, max_steps, warmup, min_lr, steps_per_pass, tokens_per_step, provenance,
+#   params, optimizer, scaler, workers, start_step, loss_curve, timing, last_saved,
+#   deadline (--minutes), last_validation.
 
 
 def setup(args, given):
     """Everything the loop needs, from the settings: model shape, data, tokenizer, weights."""
-    run = SimpleNamespace(args=args, state=None)
+    run = SimpleNamespace(args=args, state=None, deadline=None, last_validation=None)
     source_folder = args["resume"] or args["init"]
     if args["resume"]:
         run.args, run.state = merge_resumed_settings(args, given)
@@ -631,14 +736,16 @@ def load_data(run, source_folder):
                            f"({os.path.join(args['resume'], TOKENIZER_FILE)})")
     data_start = time.perf_counter()
     run.val_texts, train_texts = take_documents(run.corpus, args)
-    run.train_inputs, run.train_targets = make_rows(run.tok, train_texts, args["seq_len"])
-    run.val_inputs, run.val_targets = make_rows(run.tok, run.val_texts, args["seq_len"])
+    run.train_inputs, run.train_targets = make_data(run.tok, train_texts, args, progress=True)
+    run.val_inputs, run.val_targets = make_data(run.tok, run.val_texts, args)
+    if len(run.train_inputs) < args["batch_size"]:
+        raise RunError(f"the training text fills {len(run.train_inputs)} windows of --seq-len "
+                       f"{args['seq_len']} tokens: fewer than one batch of --batch-size {args['batch_size']}")
+    run.val_bytes = target_bytes(run.tok, run.val_targets)   # for the validation loss in bits per byte
     run.data_seconds = time.perf_counter() - data_start
     run.steps_per_pass = max(1, len(run.train_inputs) // (args["batch_size"] * args["grad_accum"]))
-    run.max_steps = args["max_steps"] or run.steps_per_pass
-    run.warmup = args["warmup"] if args["warmup"] is not None else albor.default_warmup(run.max_steps)
-    run.min_lr = args["min_lr"] if args["min_lr"] is not None else args["lr"] / 10
     run.tokens_per_step = args["batch_size"] * args["grad_accum"] * args["seq_len"]
+    set_schedule(run, args["max_steps"] or run.steps_per_pass)
     run.provenance = {
         "data": run.corpus.description,
         "train_rows": len(run.train_inputs), "val_rows": len(run.val_inputs),
@@ -648,6 +755,15 @@ def load_data(run, source_folder):
         "config_sha256": sha256_hex(json.dumps(checkpoint.config_to_hf(config), sort_keys=True).encode()),
         "skipped_documents": run.corpus.skipped,
     }
+
+
+def set_schedule(run, max_steps):
+    """The learning-rate schedule of a max_steps run: warmup (--warmup, or albor.default_warmup),
+    then cosine decay to min-lr (--min-lr, or lr / 10) at the last step."""
+    args = run.args
+    run.max_steps = max_steps
+    run.warmup = args["warmup"] if args["warmup"] is not None else albor.default_warmup(max_steps)
+    run.min_lr = args["min_lr"] if args["min_lr"] is not None else args["lr"] / 10
 
 
 def load_weights(run):
@@ -692,15 +808,25 @@ def print_setup(run):
         print(f"evaluating {args['resume']} (step {run.start_step})")
         return
     counted = int((run.train_targets != albor.IGNORE_INDEX).sum())
-    print(f"{len(run.train_inputs)} training rows, {len(run.val_inputs)} validation rows, "
-          f"{args['seq_len']} tokens each ({counted:,} non-pad training targets); "
-          f"{run.max_steps} steps of {args['grad_accum']} x {args['batch_size']} rows "
-          f"(one pass = {run.steps_per_pass} steps); lr {args['lr']:g} warmup {run.warmup} "
-          f"min-lr {run.min_lr:g}")
+    unit = "windows" if args["data_mode"] == "packed" else "rows"
+    print(f"{len(run.train_inputs)} training {unit}, {len(run.val_inputs)} validation {unit} "
+          f"({len(run.val_texts)} held-out documents), {args['seq_len']} tokens each "
+          f"({counted:,} non-pad training targets); {args['grad_accum']} x {args['batch_size']} {unit} "
+          f"a step "
+          f"(one pass = {run.steps_per_pass} steps)")
+    if fitting_to_budget(run):
+        print(f"schedule: max-steps fitted to --minutes {args['minutes']:g} once the first steps are timed")
+    else:
+        print_schedule(run)
     if run.start_step:
         print(f"resuming {args['resume']} at step {run.start_step}")
     if run.start_step >= run.max_steps:
         print(f"note: the run is already at step {run.start_step} of {run.max_steps}; nothing to train")
+
+
+def print_schedule(run):
+    print(f"schedule: {run.max_steps} steps, lr {run.args['lr']:g}, warmup {run.warmup}, "
+          f"cosine to min-lr {run.min_lr:g}")
 
 
 def start_metrics_log(run):
@@ -734,6 +860,7 @@ def save(run, step, val_loss=None, finished=False, parse=None):
         "final_loss": curve[-1] if curve else None, "best_loss": min(curve) if curve else None,
         "perplexity": perplexity(curve[-1]) if curve else None,
         "val_loss": val_loss, "val_perplexity": perplexity(val_loss),
+        "val_bpb": val_bits_per_byte(run, val_loss),
         "parse_rate": parse["parse_rate"] if parse else None, "parse_eval": parse,
         "loss_curve": curve, "tokens": step * run.tokens_per_step,
         "timing": timing, "provenance": run.provenance, "args": run.args,
@@ -764,9 +891,10 @@ class StopRequest:
 
 
 def train_loop(run):
-    """Steps from run.start_step until max_steps or a Ctrl-C; returns (last step, stopped)."""
+    """Steps from run.start_step until max_steps, a Ctrl-C or the --minutes deadline; a validation
+    every --eval-every steps; returns (last step, stopped by Ctrl-C)."""
     for key in ("train_seconds", "forward_seconds", "backward_seconds", "optimizer_seconds",
-                "attention_seconds", "other_layers_seconds", "data_seconds"):
+                "attention_seconds", "other_layers_seconds", "data_seconds", "eval_seconds"):
         run.timing.setdefault(key, 0.0)
     run.timing["data_seconds"] += run.data_seconds
     stop = StopRequest()
@@ -779,9 +907,13 @@ def train_loop(run):
     try:
         with layer_clock or contextlib.nullcontext(), \
                 open(os.path.join(run.out, METRICS), "a", encoding="utf-8") as metrics:
-            while step < run.max_steps and not stop.requested:
+            while step < run.max_steps and not stop.requested and not past_deadline(run, step):
                 step += 1
                 record = one_step(run, step, layer_clock)
+                if run.args["eval_every"] and (step % run.args["eval_every"] == 0 or step == run.max_steps):
+                    record.update(validate(run, step))
+                    if layer_clock:
+                        layer_clock.take()   # the validation's layer time is not the next step's
                 metrics.write(json.dumps(record) + "\n")
                 metrics.flush()
                 bar.update(1)
@@ -802,6 +934,90 @@ def train_loop(run):
         if in_main_thread:
             signal.signal(signal.SIGINT, previous_handler)
     return step, stop.requested and step < run.max_steps
+
+
+def append_metrics(run, record):
+    """One line of metrics.jsonl."""
+    with open(os.path.join(run.out, METRICS), "a", encoding="utf-8") as metrics:
+        metrics.write(json.dumps(record) + "\n")
+
+
+def validate(run, step):
+    """The validation loss now (evaluate), in nats per token and bits per byte, as metrics.jsonl's
+    fields {"val_loss", "val_bpb"} (None without validation rows); kept in run.last_validation."""
+    start = time.perf_counter()
+    loss = evaluate(run.params, run.config, run.val_inputs, run.val_targets, run.args["batch_size"],
+                    run.workers)
+    fields = {"val_loss": loss, "val_bpb": val_bits_per_byte(run, loss)}
+    run.last_validation = (step, fields, time.perf_counter() - start)
+    run.timing["eval_seconds"] = run.timing.get("eval_seconds", 0.0) + run.last_validation[2]
+    return fields
+
+
+def val_bits_per_byte(run, loss):
+    """A validation loss (nats per token) in bits per byte of the validation text."""
+    return bits_per_byte(loss, int((run.val_targets != albor.IGNORE_INDEX).sum()), run.val_bytes)
+
+
+# --minutes: fitting the schedule to a time budget
+
+PROBE_STEPS = 3   # steps timed on a scratch copy of the model; the first only warms up
+
+
+def fitting_to_budget(run):
+    return bool(run.args["minutes"]) and run.args["max_steps"] is None
+
+
+def fit_to_budget(run, wall_start):
+    """--minutes: set max_steps (and with it the schedule) to the steps that fit in the budget.
+
+    Times PROBE_STEPS steps (one_step on the run's first batches) on a scratch copy of the
+    weights and optimizer, thrown away after, so the run itself starts untouched. A step costs
+    the faster of the timed ones, plus a validation every --eval-every steps at what the one
+    before training took. The budget counts from wall_start (the start of train.py); the steps
+    fitted are what is left of it, less the last step's validation. The loop also stops at the
+    deadline (a slower machine than measured), and the run then evaluates and saves as usual.
+    """
+    args = run.args
+    deadline = wall_start + 60 * args["minutes"]
+    probe = SimpleNamespace(**vars(run))
+    probe.params = {name: p.copy() for name, p in run.params.items()}
+    probe.optimizer = cpu.FastAdamW(probe.params, betas=(args["beta1"], args["beta2"]), eps=args["eps"],
+                                    weight_decay=args["weight_decay"])
+    probe.scaler = gpu.LossScaler() if run.scaler else None
+    probe.loss_curve, probe.timing = [], collections.defaultdict(float)
+    seconds = [one_step(probe, run.start_step + 1 + i, None)["seconds"] for i in range(PROBE_STEPS)]
+    step_seconds = min(seconds[1:])
+    if args["eval_every"] and run.last_validation is None:   # resumed: no validation timed yet
+        validate(run, run.start_step)
+    eval_seconds = run.last_validation[2] if args["eval_every"] else 0.0
+    left = deadline - time.perf_counter()
+    fitted = steps_that_fit(left, step_seconds, eval_seconds, args["eval_every"])
+    run.args["max_steps"] = run.start_step + fitted
+    set_schedule(run, run.args["max_steps"])
+    run.deadline = deadline
+    print(f"--minutes {args['minutes']:g}: a step takes {step_seconds:.3f} s, a validation "
+          f"{eval_seconds:.1f} s; the {max(0.0, left):.0f} s left fit {fitted} steps")
+    print_schedule(run)
+
+
+def steps_that_fit(seconds_left, step_seconds, eval_seconds, eval_every):
+    """How many steps of step_seconds fit in seconds_left, with a validation of eval_seconds every
+    eval_every steps (0: none) and one after the last step; at least 1.
+    Example: steps_that_fit(100, 1.0, 5.0, 10) -> 63 (63 steps + 7 validations = 98 s)."""
+    per_step = step_seconds + (eval_seconds / eval_every if eval_every else 0.0)
+    last_validation = eval_seconds if eval_every else 0.0
+    return max(1, int((seconds_left - last_validation) / per_step))
+
+
+def past_deadline(run, step):
+    """Whether --minutes' deadline has passed (checked before each step after this session's first,
+    so a run always takes a step; a note when it cuts the run)."""
+    if run.deadline is None or step == run.start_step or time.perf_counter() < run.deadline:
+        return False
+    tqdm.write(f"note: the time budget of --minutes {run.args['minutes']:g} ran out after step {step} "
+               f"of {run.max_steps} (the machine ran slower than timed); finishing there")
+    return True
 
 
 def one_step(run, step, layer_clock):
@@ -836,20 +1052,72 @@ def one_step(run, step, layer_clock):
 
 
 def finish(run, step, wall_start):
-    """After the last step: validation loss, parse rate, the checkpoint, the summary."""
+    """After the last step: validation loss, parse rate and samples, the checkpoint, the loss plot,
+    the summary."""
     timing = run.timing
+    if not (run.last_validation and run.last_validation[0] == step):   # the loop's last one is now
+        validate(run, step)
+    val = run.last_validation[1]
     eval_start = time.perf_counter()
-    val_loss = evaluate(run.params, run.config, run.val_inputs, run.val_targets,
-                        run.args["batch_size"], run.workers)
     parse = parse_eval(run.params, run.config, run.tok, run.val_texts, run.args)
     timing["eval_seconds"] = timing.get("eval_seconds", 0.0) + time.perf_counter() - eval_start
     timing["wall_seconds"] = timing.get("wall_seconds", 0.0) + time.perf_counter() - wall_start
     train_seconds = timing["train_seconds"]
     timing["tokens_per_second"] = step * run.tokens_per_step / train_seconds if train_seconds else None
     split_time(timing)
-    save(run, step, val_loss=val_loss, finished=True, parse=parse)
-    print_summary(run.config_name, step, run.tokens_per_step, run.loss_curve, val_loss,
-                  len(run.val_inputs), timing, run.out, parse)
+    save(run, step, val_loss=val["val_loss"], finished=True, parse=parse)
+    plot = plot_losses(run.out, (step, val["val_loss"]))
+    print_samples(parse)
+    print_summary(run.config_name, step, run.tokens_per_step, run.loss_curve, val["val_loss"],
+                  len(run.val_inputs), timing, run.out, parse, val_bpb=val["val_bpb"])
+    print(f"loss plot: {plot}")
+
+
+SAMPLES_SHOWN = 3   # the end-of-run report prints this many of the parse rate's samples
+
+
+def print_samples(parse):
+    """The first SAMPLES_SHOWN of the parse rate's sampled texts (prompt + completion)."""
+    shown = list(zip(parse["texts"], parse["verdicts"]))[:SAMPLES_SHOWN] if parse else []
+    for i, (text, verdict) in enumerate(shown, 1):
+        print(f"---- sample {i} of {parse['samples']} ({verdict}) " + "-" * 40)
+        print(text.rstrip("\n"))
+    if shown:
+        print("-" * 72)
+
+
+LOSS_PLOT = "loss.png"
+
+
+def plot_losses(folder, final_validation=None):
+    """Draw metrics.jsonl's training and validation losses over the steps into folder/loss.png,
+    with final_validation (step, loss) as one more validation point (the end-of-run one, which
+    metrics.jsonl lacks without --eval-every); returns the PNG's path. matplotlib is imported
+    here, so only the end of a run needs it."""
+    from matplotlib.figure import Figure   # no pyplot: no GUI backend, no global state
+    records = []
+    with open(os.path.join(folder, METRICS), encoding="utf-8") as f:
+        for line in f:
+            with contextlib.suppress(json.JSONDecodeError):
+                records.append(json.loads(line))
+    train = [(r["step"], r["loss"]) for r in records if r.get("loss") is not None]
+    val = [(r["step"], r["val_loss"]) for r in records if r.get("val_loss") is not None]
+    if final_validation and final_validation[1] is not None and final_validation not in val:
+        val.append(final_validation)
+    figure = Figure(figsize=(8, 4.5), dpi=100)
+    axes = figure.subplots()
+    for points, label, style in ((train, "training loss (each step's batch)", dict(lw=0.8, alpha=0.8)),
+                                 (val, "validation loss (held-out documents)", dict(marker="o", ms=3))):
+        if points:
+            axes.plot(*zip(*points), label=label, **style)
+    axes.set(xlabel="optimizer step", ylabel="loss (nats per token)", title=os.path.abspath(folder))
+    axes.grid(alpha=0.3)
+    axes.legend()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png")
+    path = os.path.join(folder, LOSS_PLOT)
+    checkpoint.atomic_write_bytes(path, buffer.getvalue())
+    return path
 
 
 def evaluate_only(run):
@@ -863,11 +1131,13 @@ def evaluate_only(run):
     source = os.path.join(args["resume"], FINAL_MODEL)
     final_model = read_json(source, "the run's summary") if os.path.exists(source) else {}
     final_model.update(val_loss=val_loss, val_perplexity=perplexity(val_loss),
-                       parse_rate=parse["parse_rate"], parse_eval=parse)
+                       val_bpb=val_bits_per_byte(run, val_loss), parse_rate=parse["parse_rate"],
+                       parse_eval=parse)
     os.makedirs(args["out"], exist_ok=True)
     checkpoint.atomic_write_bytes(os.path.join(args["out"], FINAL_MODEL),
                                   (json.dumps(final_model, indent=1) + "\n").encode())
-    print_losses(None, val_loss, len(run.val_inputs))
+    print_losses(None, val_loss, len(run.val_inputs), val_bits_per_byte(run, val_loss))
+    print_samples(parse)
     print(sample.describe_parse_rate(parse))
     print(f"evaluated in {time.perf_counter() - start:.1f} s; written to {os.path.join(args['out'], FINAL_MODEL)}")
     return 0
@@ -883,20 +1153,23 @@ def split_time(timing):
     return timing
 
 
-def print_losses(loss_curve, val_loss, val_rows):
+def print_losses(loss_curve, val_loss, val_rows, val_bpb=None):
     if loss_curve:
         print(f"loss {loss_curve[0]:.4f} -> {loss_curve[-1]:.4f} (perplexity {perplexity(loss_curve[-1]):,.1f}), "
               f"best {min(loss_curve):.4f}")
     if val_loss is not None:
-        print(f"validation loss {val_loss:.4f} (perplexity {perplexity(val_loss):,.1f}) on {val_rows} rows")
+        bpb = f", {val_bpb:.3f} bits per byte" if val_bpb is not None else ""
+        print(f"validation loss {val_loss:.4f} (perplexity {perplexity(val_loss):,.1f}{bpb}) "
+              f"on {val_rows} rows")
     else:
         print("validation: none (--val-rows 0)")
 
 
-def print_summary(config_name, step, tokens_per_step, loss_curve, val_loss, val_rows, timing, out, parse=None):
+def print_summary(config_name, step, tokens_per_step, loss_curve, val_loss, val_rows, timing, out, parse=None,
+                  val_bpb=None):
     train = timing["train_seconds"]
     tokens = step * tokens_per_step
-    print_losses(loss_curve, val_loss, val_rows)
+    print_losses(loss_curve, val_loss, val_rows, val_bpb)
     if parse is not None:
         print(sample.describe_parse_rate(parse))
     if train:
@@ -932,11 +1205,15 @@ def execute(argv):
     if run.args["eval_only"]:
         return evaluate_only(run)
     start_metrics_log(run)
+    if run.args["eval_every"] and run.start_step == 0:
+        append_metrics(run, {"step": 0, **validate(run, 0)})   # where the validation curve starts
+    if fitting_to_budget(run):
+        fit_to_budget(run, wall_start)
     step, stopped = train_loop(run)
     if stopped:
         save(run, step)
-        print(f"stopped at step {step} of {run.max_steps}; saved a checkpoint in {run.out}. "
-              f"Continue with: python train.py --resume {run.out}")
+        print(f"stopped at step {step} of {run.max_steps}; saved a checkpoint in {run.out}, the loss plot "
+              f"in {plot_losses(run.out)}. Continue with: python train.py --resume {run.out}")
         return 0
     finish(run, step, wall_start)
     return 0

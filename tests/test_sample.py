@@ -464,12 +464,23 @@ def test_is_valid_python_and_eval_prompts():
     assert sample.eval_prompts([]) == sample.DEFAULT_PROMPTS
 
 
-def test_parse_rate_counts_what_ast_parse_accepts(monkeypatch):
+def test_code_lines_and_completion_text():
+    assert sample.code_lines("# setup\n\n   \nx = 1\n    y = 2  # two\n  # indented comment\n") == 2
+    assert sample.code_lines("") == 0
+    assert sample.completion_text("x = 1\n", "y = 2\nz = (", finished=False) == "x = 1\ny = 2\n"
+    assert sample.completion_text("x = 1\n", "y = 2\nz = (", finished=True) == "x = 1\ny = 2\nz = ("
+
+
+def test_parse_rate_counts_non_trivial_code_that_ast_parse_accepts(monkeypatch):
     # A stand-in model that writes fixed completions, to check the counting and the cut.
-    completions = {"a = ": ("1\n", True),             # ended by <|endoftext|>: parsed as is
-                   "b = ": ("(\n", True),             # ended, invalid
-                   "c = ": ("2\nif x:\n    y = (", False),  # ran out: "c = 2\nif x:\n" -> invalid
-                   "d = ": ("3\ne = 4\nf = (", False)}      # ran out: "d = 3\ne = 4\n" -> valid
+    code = "x = 1\ny = 2\nz = 3\n"
+    completions = {"a = ": ("1\n" + code, True),                   # ended by <|endoftext|>, 4 lines: counts
+                   "b = ": ("(\n" + code, True),                   # ended, invalid
+                   "c = ": ("2\n" + code + "if x:\n    y = (", False),  # ran out: "...if x:\n" invalid
+                   "d = ": ("3\n" + code + "f = (", False),        # ran out: the cut text is valid
+                   "e = ": ("4\n# one\n\n# two\n   \n", True),    # valid, but 1 line of code
+                   "f = ": ("5\nx = 1\n", True),                  # valid, 2 lines of code
+                   "# ": ("hi\n\n" + code, True)}                 # the prompt's line is not counted
     tok = Tokenizer()
     max_new = 40
 
@@ -480,8 +491,14 @@ def test_parse_rate_counts_what_ast_parse_accepts(monkeypatch):
         return ids if ended else ids + [ord(" ")] * (max_new - len(ids))
 
     monkeypatch.setattr(sample, "generate", fake_generate)
-    result = sample.parse_rate(None, SMALL, tok, list(completions), 8, max_new_tokens=max_new)
-    assert result["parsed"] == 4 and result["samples"] == 8 and result["parse_rate"] == 0.5
+    result = sample.parse_rate(None, SMALL, tok, list(completions), 14, max_new_tokens=max_new)
+    assert (result["parsed"], result["parsed_any"], result["samples"]) == (6, 10, 14)
+    assert result["parse_rate"] == 6 / 14 and result["min_code_lines"] == sample.MIN_CODE_LINES == 3
+    assert result["texts"][3] == "d = 3\n" + code and result["texts"][7] == result["texts"][0]
+    assert result["verdicts"][:7] == ["valid", "invalid", "invalid", "valid", "trivial", "trivial", "valid"]
+    assert sample.describe_parse_rate(result) == (
+        "parse rate 43%: 6 of 14 sampled completions are valid Python with at least 3 lines of code "
+        "(ast.parse; 10 of 14 parse at all)")
     assert sample.parse_rate(None, SMALL, tok, ["a = "], 0, max_new_tokens=max_new)["parse_rate"] is None
 
 
@@ -489,13 +506,18 @@ def test_parse_rate_on_a_model(small_params, tok):
     prompts = ["import os\n", "x = 1\n"]
     settings = dict(max_new_tokens=12, temperature=1.0, top_k=0, top_p=0.9, seed=3)
     result = sample.parse_rate(small_params, SMALL, tok, prompts, 5, **settings)
-    parsed = 0
+    texts, verdicts = [], []
     for i in range(5):
         ids = sample.generate(small_params, SMALL, tok.encode(prompts[i % 2]), 12, 1.0, 0, 0.9, seed=3 + i,
                              eos_id=EOT_ID, vocab_size=tok.vocab_size)
         text = prompts[i % 2] + tok.decode(ids)
-        parsed += sample.is_valid_python(text if len(ids) < 12 else text[:text.rfind("\n") + 1])
-    assert result == {"parse_rate": parsed / 5, "parsed": parsed, "samples": 5, **settings}
+        texts.append(text if len(ids) < 12 else text[:text.rfind("\n") + 1])
+        parses = sample.is_valid_python(texts[-1])
+        verdicts.append("invalid" if not parses else
+                        "valid" if sample.code_lines(texts[-1][len(prompts[i % 2]):]) >= 3 else "trivial")
+    parsed = verdicts.count("valid")
+    assert result == {"parse_rate": parsed / 5, "parsed": parsed, "parsed_any": 5 - verdicts.count("invalid"),
+                      "samples": 5, "texts": texts, "verdicts": verdicts, "min_code_lines": 3, **settings}
 
 
 # -----------------------------------------------------------------------------

@@ -110,7 +110,8 @@ def test_help_documents_every_flag(capsys):
     text = capsys.readouterr().out
     for name in train.DEFAULTS:
         assert f"--{name.replace('_', '-')}" in text, name
-    for shown in ("(default: 500)", "(default: 128)", "(default: 0.0006)", "(default: 0.95)", "(default: 0.1)"):
+    for shown in ("(default: 500;", "(default: 128;", "(default: 0.0006;", "(default: 0.95)",
+                  "(default: 0.1)"):
         assert shown in text
 
 
@@ -273,7 +274,7 @@ def trained(corpus, tok_file, tmp_path_factory):
 def test_run_leaves_a_complete_checkpoint(trained):
     names = set(os.listdir(trained))
     assert {"model.safetensors", "config.json", "tokenizer.json", "optimizer.safetensors",
-            "trainer_state.json", "final_model.json", "metrics.jsonl"} <= names
+            "trainer_state.json", "final_model.json", "metrics.jsonl", "loss.png"} <= names
     assert not [n for n in names if n.endswith(".tmp")]
     summary = read_json(trained, "final_model.json")
     for key in ("steps", "final_loss", "best_loss", "loss_curve", "val_loss", "timing", "provenance"):
