@@ -458,20 +458,49 @@ def make_rows(tok, texts, seq_len):
     return inputs, targets
 
 
+def token_stream(tok, texts, progress=False):
+    """The texts as one stream of token ids, each text after an <|endoftext|>: (L,) int32.
+    Example: texts "ab" and "c" with a bytes-only tokenizer -> [256, 97, 98, 256, 99]."""
+    documents = tqdm(texts, desc="encoding", unit="doc", leave=False, disable=not progress)
+    pieces = [np.array([EOT_ID] + tok.encode(text), dtype=np.int32) for text in documents]
+    return np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.int32)
+
+
+def cached_token_stream(tok, texts, folder):
+    """token_stream(tok, texts), kept in folder/stream-<key>.npy for the next run on the same texts
+    with the same tokenizer (encoding the whole standard library takes many seconds; loading it,
+    a fraction of one). The key is the SHA-256 of the tokenizer's file and of every text."""
+    key = hashlib.sha256(tokenizer_bytes(tok))
+    for text in texts:
+        key.update(text.encode("utf-8", errors="surrogatepass") + b"\0")
+    path = Path(folder) / f"stream-{key.hexdigest()[:16]}.npy"
+    if path.is_file():
+        with contextlib.suppress(OSError, ValueError):
+            return np.load(path).astype(np.int32)
+    stream = token_stream(tok, texts, progress=True)
+    buffer = io.BytesIO()
+    np.save(buffer, stream.astype(np.uint16) if tok.vocab_size <= 1 << 16 else stream)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    checkpoint.atomic_write_bytes(path, buffer.getvalue())
+    return stream
+
+
 def pack_windows(tok, texts, seq_len, progress=False):
-    """(inputs, targets), both (N, seq_len) int32: the texts as one token stream, each text after
-    an <|endoftext|>, cut into windows of seq_len + 1 tokens that overlap by one (window i is
-    stream[i*T : i*T + T + 1]), so every token but the stream's first is a target exactly once,
-    each document's first token too (predicted from "a new document starts"). The last window is
-    padded; its padding targets are IGNORE_INDEX. This is packed mode's data (--data-mode packed).
+    """(inputs, targets), both (N, seq_len) int32: packed mode's data (--data-mode packed), the
+    texts as one token stream (token_stream) cut into windows (stream_windows). Notebooks call it.
 
     Example, seq_len 3, texts "ab" and "c" as tokens a b and c: the stream EOT a b EOT c gives
     inputs [[EOT, a, b], [EOT, c, PAD]] and targets [[a, b, EOT], [c, -100, -100]].
     """
-    documents = tqdm(texts, desc="encoding", unit="doc", leave=False, disable=not progress)
-    pieces = [np.array([EOT_ID] + tok.encode(text), dtype=np.int32) for text in documents]
-    stream = np.concatenate(pieces) if pieces else np.zeros(1, dtype=np.int32)  # (L,)
-    n_windows = -(-(len(stream) - 1) // seq_len)                              # ceil((L - 1) / T)
+    return stream_windows(token_stream(tok, texts, progress), seq_len)
+
+
+def stream_windows(stream, seq_len):
+    """A token stream (L,) cut into N windows of seq_len + 1 tokens that overlap by one (window i
+    is stream[i*T : i*T + T + 1]): (inputs, targets), both (N, seq_len) int32, so every token but
+    the stream's first is a target exactly once (each document's first token too: predicted from
+    the <|endoftext|> before it). The last window is padded; padding targets are IGNORE_INDEX."""
+    n_windows = -(-(len(stream) - 1) // seq_len) if len(stream) else 0              # ceil((L - 1) / T)
     padded = np.full(n_windows * seq_len + 1, PAD_ID, dtype=np.int32)
     padded[:len(stream)] = stream
     inputs = padded[:-1].reshape(n_windows, seq_len)                           # (N, T)
@@ -480,12 +509,14 @@ def pack_windows(tok, texts, seq_len, progress=False):
     return inputs, targets
 
 
-def make_data(tok, texts, args, progress=False):
+def make_data(tok, texts, args, cache_folder=None):
     """(inputs, targets) of the texts in the run's --data-mode: rows (make_rows) or packed windows
-    (pack_windows)."""
-    if args["data_mode"] == "packed":
-        return pack_windows(tok, texts, args["seq_len"], progress)
-    return make_rows(tok, texts, args["seq_len"])
+    (pack_windows; the token stream cached in cache_folder when given)."""
+    if args["data_mode"] == "rows":
+        return make_rows(tok, texts, args["seq_len"])
+    if cache_folder is None:
+        return pack_windows(tok, texts, args["seq_len"])
+    return stream_windows(cached_token_stream(tok, texts, cache_folder), args["seq_len"])
 
 
 def target_bytes(tok, targets):
@@ -736,7 +767,8 @@ def load_data(run, source_folder):
                            f"({os.path.join(args['resume'], TOKENIZER_FILE)})")
     data_start = time.perf_counter()
     run.val_texts, train_texts = take_documents(run.corpus, args)
-    run.train_inputs, run.train_targets = make_data(run.tok, train_texts, args, progress=True)
+    run.train_inputs, run.train_targets = make_data(run.tok, train_texts, args,
+                                                    cache_folder=Path(run.out).parent / "tokens")
     run.val_inputs, run.val_targets = make_data(run.tok, run.val_texts, args)
     if len(run.train_inputs) < args["batch_size"]:
         raise RunError(f"the training text fills {len(run.train_inputs)} windows of --seq-len "

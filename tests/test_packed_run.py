@@ -41,11 +41,12 @@ def tok_file(corpus, tmp_path_factory):
 
 
 @pytest.fixture
-def packed(corpus, tok_file):
-    """Arguments of a small packed tiny-config run: all documents but 6, windows of 32 tokens."""
+def packed(corpus, tok_file, tmp_path):
+    """Arguments of a small packed tiny-config run: all documents but 6, windows of 32 tokens
+    (--out in tmp_path, so the token cache lands beside it; a later --out replaces it)."""
     return ["--config", "tiny", "--data", corpus, "--tokenizer", tok_file, "--data-mode", "packed",
             "--rows", "all", "--val-rows", "6", "--seq-len", "32", "--batch-size", "4", "--grad-accum", "2",
-            "--eval-samples", "0"]
+            "--eval-samples", "0", "--out", tmp_path / "runs" / "packed"]
 
 
 def run(argv):
@@ -94,6 +95,22 @@ def test_every_token_of_the_stream_is_a_target_exactly_once(tok_file, corpus):
     np.testing.assert_array_equal(inputs.reshape(-1)[:len(stream) - 1], stream[:-1])
     np.testing.assert_array_equal(inputs[1:, 0], targets[:-1, -1])          # windows overlap by one token
     assert (targets == IGNORE).sum() == len(inputs) * 32 - (len(stream) - 1)   # padding only at the end
+
+
+def test_the_training_stream_is_cached_for_the_next_run(packed, tmp_path, monkeypatch):
+    first = setup_run(packed)
+    cached = list((tmp_path / "runs" / "tokens").iterdir())
+    assert len(cached) == 1 and cached[0].name.startswith("stream-")
+    encoded = []
+    real_stream = train.token_stream
+    monkeypatch.setattr(train, "token_stream", lambda tok, texts, progress=False: encoded.append(len(texts))
+                        or real_stream(tok, texts, progress))
+    again = setup_run(packed)
+    assert encoded == [6]                                   # only the validation documents
+    np.testing.assert_array_equal(again.train_inputs, first.train_inputs)
+    np.testing.assert_array_equal(again.train_targets, first.train_targets)
+    setup_run(packed + ["--val-rows", "5"])                 # other documents: another stream
+    assert encoded[1:] == [34 + 1, 5] and len(list((tmp_path / "runs" / "tokens").iterdir())) == 2
 
 
 def test_no_token_of_a_validation_document_is_trained_on(packed):
