@@ -82,8 +82,8 @@ PRESETS = {
                    num_key_value_heads=2, intermediate_size=160, max_position_embeddings=256),
     # a model that learns to write Python in minutes on a 2-core laptop CPU, with its own 4,096-token
     # tokenizer (train.py's PRESET_SETTINGS hold its training settings; README: the workshop run)
-    "workshop": Config(vocab_size=4096, hidden_size=192, num_hidden_layers=4, num_attention_heads=4,
-                       num_key_value_heads=2, intermediate_size=512, max_position_embeddings=256),
+    "workshop": Config(vocab_size=4096, hidden_size=128, num_hidden_layers=4, num_attention_heads=4,
+                       num_key_value_heads=2, intermediate_size=352, max_position_embeddings=256),
 }
 
 

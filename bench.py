@@ -219,7 +219,7 @@ def measure_gemm_rate(config, tokens, workers):
 
 DEFAULT_BLAS_FLOOR = """
 import json, os, statistics, sys
-import albor, bench
+import albor, bench, cpu
 config = albor.get_config(sys.argv[1])
 products = [product for _, product in bench.make_products(config, int(sys.argv[2]))]
 workers = cpu.DataParallel(1)

@@ -103,8 +103,8 @@ DEFAULTS = {   # the model card's run
 # workshop: a model that learns to write Python within minutes on a 2-core laptop CPU (README:
 # "A run that learns Python"); the whole recipe is `python train.py --config workshop --minutes 15`.
 PRESET_SETTINGS = {
-    "workshop": {"data_mode": "packed", "rows": None, "val_rows": 20, "seq_len": 256, "batch_size": 16,
-                 "grad_accum": 1, "lr": 3e-3, "warmup": 50, "eval_every": 50, "eval_samples": 32},
+    "workshop": {"data_mode": "packed", "rows": None, "val_rows": 20, "seq_len": 256, "batch_size": 4,
+                 "grad_accum": 1, "lr": 2e-3, "eval_every": 250, "eval_samples": 32},
 }
 # With --resume these define the rows a step reads; changing them would not continue the run.
 DATA_SETTINGS = ("data", "data_mode", "rows", "val_rows", "seq_len", "seed")

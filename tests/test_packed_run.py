@@ -293,21 +293,21 @@ def test_the_workshop_preset_brings_its_training_settings(capsys):
     assert {name: args[name] for name in train.PRESET_SETTINGS["workshop"]} == train.PRESET_SETTINGS["workshop"]
     assert args["data_mode"] == "packed" and args["rows"] is None
     args, _ = train.parse_settings(["--config", "workshop", "--seq-len", "64", "--data-mode", "rows"])
-    assert (args["seq_len"], args["data_mode"], args["batch_size"]) == (64, "rows", 16)   # flags win
+    assert (args["seq_len"], args["data_mode"], args["batch_size"]) == (64, "rows", 4)   # flags win
     config = albor.get_config("workshop")
     assert config.vocab_size == 4096 and args["seq_len"] <= config.max_position_embeddings
     with pytest.raises(SystemExit):
         train.main(["--help"])
     text = " ".join(capsys.readouterr().out.split())
     for flag, shown in (("seq-len", "(default: 128; workshop: 256)"), ("rows", "(default: 500; workshop: all)"),
-                        ("data-mode", "(default: rows; workshop: packed)"), ("eval-every", "workshop: 50")):
+                        ("data-mode", "(default: rows; workshop: packed)"), ("eval-every", "workshop: 250")):
         assert shown in text, flag
 
 
 def test_a_workshop_run_uses_its_settings(corpus, tok_file, tmp_path):
     out = tmp_path / "w"
     run(["--config", "workshop", "--data", corpus, "--tokenizer", tok_file, "--val-rows", "4", "--seq-len", "32",
-         "--max-steps", "2", "--eval-samples", "1", "--out", out])     # the corpus is too small for 16 x 256
+         "--max-steps", "2", "--eval-samples", "1", "--out", out])     # short windows: a small corpus
     summary = read_json(out, "final_model.json")
     settings = train.PRESET_SETTINGS["workshop"]
     given = {"seq_len": 32, "eval_samples": 1, "val_rows": 4}
@@ -318,9 +318,9 @@ def test_a_workshop_run_uses_its_settings(corpus, tok_file, tmp_path):
     assert len(resumed.val_texts) == 4 and resumed.train_inputs.shape[1] == 32
     lines = metrics(out)
     assert lines[-1]["tokens"] == settings["batch_size"] * 32 and lines[-1]["lr"] == pytest.approx(
-        albor.lr_at(2, 2, settings["lr"], settings["warmup"], settings["lr"] / 10))
+        albor.lr_at(2, 2, settings["lr"], albor.default_warmup(2), settings["lr"] / 10))
     assert [line["step"] for line in lines if "val_loss" in line] == [0, 2]     # before and after the last
-    assert summary["warmup"] == settings["warmup"] and lines[0]["val_loss"] is not None
+    assert summary["warmup"] == albor.default_warmup(2) and lines[0]["val_loss"] is not None
 
 
 def test_the_end_of_run_report_prints_samples_and_the_plot(corpus, tok_file, tmp_path, capsys):
