@@ -120,6 +120,39 @@ def merge_pair(ids, pair, new_id):
     return merged
 
 
+def _merge_in_words(pair, new_id, words, freqs, pair_counts, pair_words, heap):
+    """Tokenizer.train's step 3: merge `pair` into new_id in every word that holds it, in
+    place, and move the counts: each old pair of such a word loses the word's frequency, each
+    new pair gains it; changed counts are pushed onto the heap again (lazy deletion).
+
+    Example: word [a, b, a, b] (frequency 3), pair (a, b) -> Z: the word becomes [Z, Z];
+    (a, b) loses 6, (b, a) loses 3, (Z, Z) gains 3.
+    """
+    changed = set()
+    for w in pair_words.pop(pair):
+        word, freq = words[w], freqs[w]
+        new_word = merge_pair(word, pair, new_id)
+        old_pairs = list(zip(word, word[1:]))
+        new_pairs = list(zip(new_word, new_word[1:]))
+        for p in old_pairs:
+            pair_counts[p] -= freq
+        for p in new_pairs:
+            pair_counts[p] += freq
+        for p in set(old_pairs).difference(new_pairs):
+            if p != pair:
+                pair_words[p].discard(w)
+        for p in new_pairs:
+            pair_words[p].add(w)
+        changed.update(old_pairs)
+        changed.update(new_pairs)
+        words[w] = new_word
+    for p in changed:
+        if pair_counts[p] > 0:
+            heapq.heappush(heap, (-pair_counts[p], p))
+        else:
+            del pair_counts[p]
+
+
 # ----------------------------------------------------------------------------
 # The tokenizer
 
@@ -237,29 +270,7 @@ class Tokenizer:
                 bar.update(1)
 
             # 3. Rewrite the words that contain the pair; move their pair counts.
-            changed = set()
-            for w in pair_words.pop(pair):
-                word, freq = words[w], freqs[w]
-                new_word = merge_pair(word, pair, new_id)
-                old_pairs = list(zip(word, word[1:]))
-                new_pairs = list(zip(new_word, new_word[1:]))
-                for p in old_pairs:
-                    pair_counts[p] -= freq
-                for p in new_pairs:
-                    pair_counts[p] += freq
-                for p in set(old_pairs).difference(new_pairs):
-                    if p != pair:
-                        pair_words[p].discard(w)
-                for p in new_pairs:
-                    pair_words[p].add(w)
-                changed.update(old_pairs)
-                changed.update(new_pairs)
-                words[w] = new_word
-            for p in changed:
-                if pair_counts[p] > 0:
-                    heapq.heappush(heap, (-pair_counts[p], p))
-                else:
-                    del pair_counts[p]
+            _merge_in_words(pair, new_id, words, freqs, pair_counts, pair_words, heap)
         if bar is not None:
             bar.close()
         if stop_reason is not None:
