@@ -115,7 +115,8 @@ def config_from_hf(hf, source="config.json"):
     if not isinstance(hf, dict):
         raise CheckpointError(f"{source}: expected a JSON object, got {type(hf).__name__}")
     if hf.get("model_type", "llama") != "llama":
-        raise CheckpointError(f"{source}: model_type is {_short(hf.get('model_type'))}, albor reads only 'llama'")
+        raise CheckpointError(f"{source}: model_type is {_short(hf.get('model_type'))}, "
+                              "albor reads only 'llama'")
     for key, wanted in (("tie_word_embeddings", True), ("hidden_act", "silu"),
                         ("attention_bias", False), ("mlp_bias", False)):
         if key in hf and hf[key] != wanted:
@@ -151,7 +152,8 @@ def _config_value(name, is_float, value, source):
     if isinstance(value, float) and value.is_integer():
         value = int(value)
     if not (is_number and isinstance(value, int) and 1 <= value <= MAX_CONFIG_SIZE):
-        raise CheckpointError(f"{source}: {name} must be an int in [1, {MAX_CONFIG_SIZE}], got {_short(value)}")
+        raise CheckpointError(f"{source}: {name} must be an int in [1, {MAX_CONFIG_SIZE}], "
+                              f"got {_short(value)}")
     return value
 
 
@@ -191,7 +193,8 @@ def save_checkpoint(folder, config, params, optimizer=None, step=0, extra_files=
              CHECKPOINT_CONFIG: (json.dumps(config_to_hf(config), indent=2) + "\n").encode()}
     if optimizer is not None:
         metadata = {"step": step, "hyperparameters": json.dumps(optimizer.hyperparameters())}
-        files[CHECKPOINT_OPTIMIZER] = lambda path: write_safetensors(path, optimizer.state_tensors(), metadata)
+        files[CHECKPOINT_OPTIMIZER] = lambda path: write_safetensors(path, optimizer.state_tensors(),
+                                                                     metadata)
     files.update(extra_files or {})
     commit_files(folder, files)
 
@@ -222,7 +225,8 @@ def commit_files(folder, files):
         _fsync_folder(staging)
     except OSError as e:
         shutil.rmtree(staging, ignore_errors=True)
-        raise CheckpointError(f"{folder}: cannot save ({e.strerror or e}); nothing in it was changed") from None
+        reason = e.strerror or str(e)
+        raise CheckpointError(f"{folder}: cannot save ({reason}); nothing in it was changed") from None
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -272,12 +276,14 @@ def lock(folder):
     (Without flock, on Windows or a file system that refuses it, the folder is not locked.)
     """
     folder = os.fspath(folder)
+    fd = None
+    if fcntl is not None:
+        try:
+            fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+        except OSError as e:
+            raise CheckpointError(f"{folder}: cannot open the folder ({e.strerror or e})") from None
     try:
-        fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    except OSError as e:
-        raise CheckpointError(f"{folder}: cannot open the folder ({e.strerror or e})") from None
-    try:
-        if fcntl is not None:
+        if fd is not None:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -288,7 +294,8 @@ def lock(folder):
         recover(folder)
         yield
     finally:
-        os.close(fd)   # lets go of the lock
+        if fd is not None:
+            os.close(fd)   # lets go of the lock
 
 
 def atomic_write_bytes(path, data):
@@ -380,7 +387,8 @@ def read_safetensors_header(f, path):
         raise CheckpointError(f"{path}: corrupt safetensors header (not a JSON object)")
     metadata = header.pop("__metadata__", None) or {}
     if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
-        raise CheckpointError(f"{path}: corrupt safetensors header (__metadata__ is not an object of strings)")
+        raise CheckpointError(f"{path}: corrupt safetensors header "
+                              "(__metadata__ is not an object of strings)")
     entries = sorted(_tensor_entry(name, entry, path) + (name,) for name, entry in header.items())
     tensors, end = {}, 0
     for begin, stop, shape, name in entries:
@@ -425,7 +433,8 @@ def _check_tensors(tensors, expected_shapes, path):
         raise CheckpointError(f"{path}: unexpected tensor {extra[0]!r} ({len(extra)} in all)")
     for name, shape in expected_shapes.items():
         if tensors[name][0] != tuple(shape):
-            raise CheckpointError(f"{path}: {name} has shape {tensors[name][0]}, the config needs {tuple(shape)}")
+            raise CheckpointError(f"{path}: {name} has shape {tensors[name][0]}, "
+                                  f"the config needs {tuple(shape)}")
 
 
 def _open(path):

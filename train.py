@@ -267,8 +267,8 @@ def read_trainer_state(folder):
             "timing must map names to numbers")
     require(isinstance(state.get("provenance", {}), dict), "provenance must be an object")
     scaler = state.get("loss_scaler")
-    require(scaler is None or (isinstance(scaler, dict) and is_number(scaler.get("scale"))
-                               and is_number(scaler.get("good_steps"), int) and is_number(scaler.get("skipped"), int)),
+    require(scaler is None or (isinstance(scaler, dict) and is_number(scaler.get("scale")) and
+                               all(is_number(scaler.get(key), int) for key in ("good_steps", "skipped"))),
             "loss_scaler must be null or an object of scale, good_steps and skipped")
     return state
 
@@ -358,7 +358,8 @@ class Corpus:
         elif not path.exists():
             raise RunError(f"--data {data}: no such file or folder")
         elif path.suffix == ".jsonl":
-            self.items = [self._jsonl_text(line) for line in self._read_text(path).splitlines() if line.strip()]
+            lines = self._read_text(path).splitlines()
+            self.items = [self._jsonl_text(line) for line in lines if line.strip()]
         elif path.suffix == ".txt":
             text = self._read_text(path)
             self.items = [block for block in text.replace("\r\n", "\n").split("\n\n") if block.strip()]
@@ -837,7 +838,8 @@ def save(run, step, finished=False):
     trainer_state = {"step": step, "args": run.args, "loss_curve": run.loss_curve, "timing": run.timing,
                      "provenance": run.provenance,
                      "loss_scaler": run.scaler.state() if run.scaler else None}
-    extra = {TOKENIZER_FILE: run.tok_data, TRAINER_STATE: (json.dumps(trainer_state, indent=1) + "\n").encode(),
+    extra = {TOKENIZER_FILE: run.tok_data,
+             TRAINER_STATE: (json.dumps(trainer_state, indent=1) + "\n").encode(),
              **summary_files(run, step, finished)}
     with run.stop.saving():
         try:

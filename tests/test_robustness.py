@@ -42,10 +42,10 @@ def folder_bytes(folder):
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-def one_line_error(call, prefix="train.py: error: "):
-    """The message of the SystemExit that call() must end with: one line, starting with prefix."""
+def one_line_error(argv, main=train.main, prefix="train.py: error: "):
+    """The message of the SystemExit main(argv) must end with: one line, starting with prefix."""
     with pytest.raises(SystemExit) as exit_info:
-        call()
+        main([str(a) for a in argv])
     message = exit_info.value.code
     assert isinstance(message, str) and message.startswith(prefix) and "\n" not in message, message
     return message
@@ -155,7 +155,7 @@ def test_a_full_disk_during_a_save_is_a_one_line_error_and_keeps_the_last_checkp
 
     monkeypatch.setattr(checkpoint, "write_safetensors", disk_fills_up)
     out = tmp_path / "full"
-    message = one_line_error(lambda: train.main(base + QUICK + ["--max-steps", "6", "--save-every", "1", "--out", str(out)]))
+    message = one_line_error(base + QUICK + ["--max-steps", "6", "--save-every", "1", "--out", out])
     assert "No space left on device" in message and "(step 2)" in message, message
     assert safetensors_metadata(out / "model.safetensors")["step"] == "2" and kill_check.leftovers(out) == []
     monkeypatch.undo()
@@ -207,7 +207,7 @@ def test_ctrl_c_during_a_save_lets_it_commit_then_stops(base, straight, tmp_path
     assert read_json(tmp_path / "once", "trainer_state.json")["step"] == 2
     monkeypatch.undo()
     signal_on_call(monkeypatch, checkpoint, "write_safetensors", {3, 4})  # and a second Ctrl-C: quits,
-    message = one_line_error(lambda: train.main(base + STEPS + ["--save-every", "1", "--out", str(tmp_path / "twice")]),
+    message = one_line_error(base + STEPS + ["--save-every", "1", "--out", tmp_path / "twice"],
                              prefix="train.py: interrupted; ")             # once the save is committed
     assert "the last checkpoint (step 2) is in" in message
     assert read_json(tmp_path / "twice", "trainer_state.json")["step"] == 2
@@ -219,7 +219,7 @@ def test_ctrl_c_during_a_save_lets_it_commit_then_stops(base, straight, tmp_path
 
 def test_a_stop_signal_before_training_ends_at_once(base, tmp_path, monkeypatch):
     signal_on_call(monkeypatch, train, "make_rows", {1}, signal.SIGTERM)
-    message = one_line_error(lambda: train.main(base + ["--out", str(tmp_path / "r")]), prefix="train.py: interrupted")
+    message = one_line_error(base + ["--out", str(tmp_path / "r")], prefix="train.py: interrupted")
     assert "no checkpoint of this run was saved" in message
 
 
@@ -254,13 +254,13 @@ def test_a_folder_in_use_is_refused_and_a_dead_runs_lock_is_not(base, tmp_path):
     out = tmp_path / "run"
     out.mkdir()
     with checkpoint.lock(out):   # as a running train.py holds it
-        message = one_line_error(lambda: train.main(base + QUICK + ["--max-steps", "1", "--out", str(out)]))
+        message = one_line_error(base + QUICK + ["--max-steps", "1", "--out", out])
     assert "is in use by another run" in message
     holder = subprocess.Popen([sys.executable, "-c", "import checkpoint, sys, time\n"
                                "with checkpoint.lock(sys.argv[1]):\n    print('locked', flush=True); time.sleep(600)",
-                               str(out)], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+                               out], cwd=ROOT, stdout=subprocess.PIPE, text=True)
     assert holder.stdout.readline() == "locked\n"
-    one_line_error(lambda: train.main(base + QUICK + ["--max-steps", "1", "--out", str(out)]))
+    one_line_error(base + QUICK + ["--max-steps", "1", "--out", out])
     holder.kill()            # SIGKILL: the kernel lets go of its lock
     holder.wait()
     run(base + QUICK + ["--max-steps", "1", "--out", out])
@@ -270,14 +270,14 @@ def test_a_fresh_run_never_takes_another_runs_folder_unless_told(base, tmp_path)
     out = tmp_path / "run"
     run(base + QUICK + ["--max-steps", "2", "--out", out])
     before = folder_bytes(out)
-    message = one_line_error(lambda: train.main(base + QUICK + ["--max-steps", "1", "--seed", "3", "--out", str(out)]))
+    message = one_line_error(base + QUICK + ["--max-steps", "1", "--seed", "3", "--out", out])
     assert "holds the checkpoint of another run" in message and "--overwrite" in message
     assert folder_bytes(out) == before                       # metrics.jsonl too
     run(base + QUICK + ["--max-steps", "1", "--seed", "3", "--out", out, "--overwrite"])
     assert read_json(out, "trainer_state.json")["args"]["seed"] == 3 and len(metrics(out)) == 1
     # --overwrite is not a setting of the run: a resume into another run's folder is refused too
     run(base + QUICK + ["--max-steps", "1", "--out", tmp_path / "other"])
-    one_line_error(lambda: train.main(["--resume", str(out), "--max-steps", "2", "--out", str(tmp_path / "other")]))
+    one_line_error(["--resume", str(out), "--max-steps", "2", "--out", str(tmp_path / "other")])
 
 
 @pytest.mark.parametrize("out, message", [
@@ -422,11 +422,11 @@ def test_each_bad_file_is_a_one_line_error_that_names_it_and_loses_nothing(name,
     shutil.copytree(pristine, folder)
     mutate(folder / name)
     before = folder_bytes(folder)
-    text = one_line_error(lambda: train.main(["--resume", str(folder), "--max-steps", "3"]))
+    text = one_line_error(["--resume", str(folder), "--max-steps", "3"])
     assert name in text and message in text, text
     assert folder_bytes(folder) == before
     if name in ("config.json", "model.safetensors", "tokenizer.json"):   # sample.py reads these too
-        text = one_line_error(lambda: sample.main(["--checkpoint", str(folder), "--prompt", "x"]), "sample.py: error: ")
+        text = one_line_error(["--checkpoint", folder, "--prompt", "x"], sample.main, "sample.py: error: ")
         assert name in text, text
 
 
@@ -504,7 +504,7 @@ def test_final_model_json_that_is_not_an_object_is_a_one_line_error_in_eval_only
     folder = tmp_path / "run"
     shutil.copytree(pristine, folder)
     (folder / "final_model.json").write_text("[]")
-    text = one_line_error(lambda: train.main(["--eval-only", "--resume", str(folder)]))
+    text = one_line_error(["--eval-only", "--resume", str(folder)])
     assert "final_model.json: expected a JSON object" in text
 
 
@@ -524,7 +524,7 @@ def test_bad_data_files(base, tmp_path, tok_file):
             "--batch-size", "2", "--grad-accum", "1", "--max-steps", "1", "--eval-samples", "0"]
     run(argv + ["--data", data, "--out", tmp_path / "run"])
     assert read_json(tmp_path / "run", "final_model.json")["provenance"]["skipped_documents"] == 1   # the surrogate
-    text = one_line_error(lambda: train.main(argv + ["--data", str(tmp_path / "missing.jsonl"), "--out", str(tmp_path / "o")]))
+    text = one_line_error(argv + ["--data", str(tmp_path / "missing.jsonl"), "--out", str(tmp_path / "o")])
     assert "missing.jsonl: no such file or folder" in text
 
 
@@ -532,8 +532,8 @@ def test_numeric_warnings_do_not_come_before_the_divergence_error(base, tmp_path
     """A diverging run overflows first (NumPy warns); it ends with the one-line error alone."""
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")
-        text = one_line_error(lambda: train.main(base + ["--max-steps", "20", "--lr", "1e6", "--warmup", "0",
-                                                          "--grad-clip", "0", "--out", str(tmp_path / "r")]))
+        text = one_line_error(base + ["--max-steps", "20", "--lr", "1e6", "--warmup", "0",
+                                                          "--grad-clip", "0", "--out", str(tmp_path / "r")])
     assert "stopping" in text and ("nan" in text or "inf" in text)
     assert [str(w.message) for w in seen if issubclass(w.category, RuntimeWarning)] == []
 
