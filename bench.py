@@ -875,8 +875,7 @@ def main(argv=None):
     N = args.grad_accum
     inputs_host = rng.integers(0, config.vocab_size, size=(N, B, T), dtype=np.int64)   # N micro-batches
     targets_host = rng.integers(0, config.vocab_size, size=(N, B, T), dtype=np.int64)  # (N, B, T)
-    inputs = [albor.xp.asarray(a) for a in inputs_host]
-    targets = [albor.xp.asarray(a) for a in targets_host]
+    inputs, targets = list(inputs_host), list(targets_host)  # NumPy, as train.py hands them over
     params = albor.init_params(config, seed=0)
     adamw = cpu.FastAdamW(params)
     print(f"A step as train.py takes it (its train_step): {N} micro-batches, each's gradients added "

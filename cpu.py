@@ -84,9 +84,14 @@ def row_shards(n_rows, workers):
 class DataParallel:
     """forward (+ backward) of a micro-batch, its rows shared out over `workers` threads.
 
+    idx and targets are NumPy arrays, as train.py reads them: their targets are counted, and
+    albor.forward checks them, on the host (on a GPU, without waiting for it). The losses it
+    returns are float64 scalars of xp, left on a GPU until train.py fetches them.
+    `clock` is the step's gpu.PhaseClock, kept from step to step (train.train_step uses it).
+
     >>> config = albor.get_config("tiny")
     >>> params = albor.init_params(config)
-    >>> idx = albor.xp.zeros((4, 8), dtype=albor.xp.int64)
+    >>> idx = np.zeros((4, 8), dtype=np.int64)
     >>> workers = DataParallel(2)
     >>> loss = workers.forward_backward(params, config, idx, idx)   # rows 0-1 and 2-3 in two threads
     >>> grads = workers.gradients()                                  # their gradients, summed
@@ -99,6 +104,7 @@ class DataParallel:
         self.pool = ThreadPoolExecutor(workers) if workers > 1 else None
         self.grads = [None] * workers  # each worker's gradient dict (None until its first shard)
         self.seconds = {"forward": 0.0, "backward": 0.0}  # summed over steps, averaged over shards
+        self.clock = gpu.PhaseClock()  # train_step's phases; on a GPU one lags a step (gpu.py)
 
     def map(self, work, jobs):
         """work(*job) for every job: on the pool's threads, or in this thread with one worker."""
@@ -107,7 +113,8 @@ class DataParallel:
         return list(self.pool.map(lambda job: work(*job), jobs))
 
     def _shards(self, targets):
-        """(worker, row slice, counted targets in it) for each shard with a target to count."""
+        """(worker, row slice, counted targets in it) for each shard with a target to count
+        (counted on the host: targets is a NumPy array)."""
         shards = []
         for worker, rows in enumerate(row_shards(targets.shape[0], self.workers)):
             n_valid = int((targets[rows] != albor.IGNORE_INDEX).sum())

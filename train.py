@@ -20,9 +20,9 @@ What a run does, in the order of the sections below:
    the step's non-pad tokens, so the step's loss is the mean over all of them),
    clips the global norm and takes an AdamW step (albor.py's math). On a CPU each
    micro-batch's rows are shared out over one worker thread per core (cpu.py, with
-   single-threaded BLAS: set below, before NumPy loads). On a GPU, --dtype
-   tf32/bf16/fp16 runs the matmuls in that precision (gpu.py; fp16 with dynamic
-   loss scaling: a step whose gradients overflow is skipped).
+   single-threaded BLAS: set below, before NumPy loads). --dtype tf32/bf16/fp16
+   runs the matmuls in mixed precision (gpu.py; fp16 with dynamic loss scaling: a
+   step whose gradients overflow is skipped; emulated on a CPU).
 5. The run: setup (model, data, optimizer), the loop (a step, a line in
    metrics.jsonl, a checkpoint every --save-every steps), and the finish:
    validation loss, the parse rate (the share of --eval-samples sampled
@@ -144,8 +144,13 @@ FLAGS = [   # (flag, help, argparse options), in --help's order
     ("--eval-only", "evaluate the --resume checkpoint instead of training: validation loss, "
                     "perplexity and parse rate, printed and written to its final_model.json",
      dict(action="store_true")),
-    ("--dtype", "precision of the matmuls, GPU only: fp32, tf32, bf16 or fp16 (fp16 with dynamic "
-                "loss scaling); weights, optimizer state and all other layers stay float32",
+    ("--dtype", "precision of the linear layers' matmuls (mixed precision): fp32; tf32 (operands "
+                "rounded to 10 mantissa bits by cuBLAS); bf16 or fp16 (half copies of the weight "
+                "matrices made once a step, activations and gradients rounded to half as they "
+                "enter a matmul; fp16 with dynamic loss scaling that skips a step whose gradients "
+                "overflow). Sums and products are float32, and so is everything else: master "
+                "weights, optimizer state, norms, attention, softmax, cross-entropy. On a CPU "
+                "tf32/bf16/fp16 are emulated (the same rounding, slower than fp32: for testing)",
      dict(choices=gpu.MATMUL_DTYPES)),
     ("--overwrite", "let a new run replace the checkpoint of another run in --out (without it, "
                     "such a folder is refused; the old checkpoint stays until this run's first save)",
@@ -229,8 +234,6 @@ def settings_problem(args):
         (args["save_every"] >= 0, "--save-every must be 0 or more"),
         (args["eval_samples"] >= 0, "--eval-samples must be 0 or more"),
         (args["dtype"] in gpu.MATMUL_DTYPES, f"--dtype must be one of {', '.join(gpu.MATMUL_DTYPES)}"),
-        (args["dtype"] == "fp32" or albor.BACKEND == "cupy",
-         f"--dtype {args['dtype']} needs a GPU (albor runs on {albor.BACKEND}, which computes in fp32 only)"),
     ]
     return next((message for ok, message in checks if not ok), None)
 
@@ -546,7 +549,7 @@ class Diverged(Exception):
 
 def train_step(params, config, optimizer, inputs, targets, lr, grad_clip, step, timing, scaler=None,
                workers=None):
-    """One optimizer step on the micro-batches inputs[m], targets[m] (each (B, T)).
+    """One optimizer step on the micro-batches inputs[m], targets[m] (each (B, T), NumPy).
 
     Returns (loss, pre-clip gradient norm, number of non-pad targets, whether the optimizer
     stepped). The loss is the mean over the non-pad targets of all micro-batches together: a
@@ -554,49 +557,61 @@ def train_step(params, config, optimizer, inputs, targets, lr, grad_clip, step, 
     loss_scale gives its gradient the same weight, added into one gradient dict (so 4
     micro-batches of 4 rows = one batch of 16 rows). workers (a cpu.DataParallel; default one
     thread) share each micro-batch's rows out, their gradients summed before clipping.
-    With --dtype fp16 the scaler's scale multiplies that loss_scale too (see apply_update).
-    Phase times go into timing; they come from gpu.PhaseClock (CUDA events on the GPU: no
-    waiting between phases; the step waits for the GPU once, at its end).
+    With --dtype bf16/fp16 the weights' half copies are made once, before the micro-batches
+    (gpu.half_weights); with fp16 the scaler's scale multiplies the loss_scale too (see
+    apply_update).
+    On a GPU the step waits for the device once, in apply_update: the targets are counted on
+    the host, and the micro-batches' losses and the gradient norm stay on the device until
+    then. Phase times go into timing, from gpu.PhaseClock (CUDA events on the GPU: no waiting
+    between phases; the optimizer's is added at the next step, after its wait).
     """
     workers = workers or cpu.DataParallel(1)
-    n_valid = [int((t != albor.IGNORE_INDEX).sum()) for t in targets]
+    n_valid = [int((t != albor.IGNORE_INDEX).sum()) for t in targets]  # on the host
     n_valid_step = sum(n_valid)
     loss_scale = scaler.scale if scaler else 1.0
     worker_seconds = dict(workers.seconds)
-    clock = gpu.PhaseClock()
+    clock = workers.clock
     clock.start()
-    loss_sum = 0.0
-    for m in range(len(inputs)):
-        idx, tgt = albor.xp.asarray(inputs[m]), albor.xp.asarray(targets[m])
-        weight = loss_scale * n_valid[m] / n_valid_step  # this micro-batch's share of the step
-        loss = workers.forward_backward(params, config, idx, tgt, loss_scale=weight)
-        if not math.isfinite(loss):
-            workers.gradients()  # drop the step's partial gradients
-            raise Diverged(f"the loss is {loss} at step {step} (micro-batch {m + 1} of {len(inputs)})")
-        loss_sum += loss * n_valid[m]
+    losses = []  # each micro-batch's mean loss (on a GPU: still on the device)
+    with gpu.half_weights(params):
+        for m in range(len(inputs)):
+            weight = loss_scale * n_valid[m] / n_valid_step  # this micro-batch's share of the step
+            losses.append(workers.forward_backward(params, config, inputs[m], targets[m],
+                                                   loss_scale=weight))
     grads = workers.gradients()
     clock.mark("model_seconds")
-    grad_norm, stepped = apply_update(optimizer, params, grads, lr, grad_clip, scaler, step)
+    grad_norm, stepped, losses = apply_update(optimizer, params, grads, lr, grad_clip, scaler, step,
+                                              losses)
     clock.mark("optimizer_seconds")
-    phases = clock.collect()
+    phases = clock.collect(wait=False)
     # forward and backward ran interleaved in the workers: split as their own clocks did
-    model = phases.pop("model_seconds")
+    model = phases.pop("model_seconds", 0.0)
     forward = workers.seconds["forward"] - worker_seconds["forward"]
     backward = workers.seconds["backward"] - worker_seconds["backward"]
     phases["forward_seconds"] = model * forward / (forward + backward)
     phases["backward_seconds"] = model * backward / (forward + backward)
     for phase, seconds in phases.items():
         timing[phase] += seconds
-    return loss_sum / n_valid_step, grad_norm, n_valid_step, stepped
+    loss = sum(loss * n for loss, n in zip(losses, n_valid)) / n_valid_step
+    return loss, grad_norm, n_valid_step, stepped
 
 
-def apply_update(optimizer, params, grads, lr, grad_clip, scaler, step):
+def apply_update(optimizer, params, grads, lr, grad_clip, scaler, step, losses=()):
     """Clip the gradients' global norm and take the optimizer step; returns (the norm before
-    clipping, whether the optimizer stepped). With an fp16 loss scaler (gpu.LossScaler) the
-    gradients are unscaled first, and a step whose gradients overflowed is skipped."""
+    clipping, whether the optimizer stepped, the losses as Python floats).
+
+    losses: the step's micro-batch losses (on a GPU, device scalars). They come to the host
+    together with the norm, in ONE copy: the step's one wait for the GPU. A non-finite loss
+    stops the run (Diverged) before anything is updated. With an fp16 loss scaler
+    (gpu.LossScaler) the gradients are unscaled first, and a step whose gradients overflowed is
+    skipped; without one, a non-finite norm stops the run."""
     if scaler:
         scaler.unscale(grads)
-    grad_norm = albor.clip_grad_norm(grads, grad_clip)
+    norm = albor.clip_grad_norm(grads, grad_clip)  # clipped on the device: nothing waits yet
+    *losses, grad_norm = gpu.fetch(*losses, norm)
+    for m, loss in enumerate(losses):
+        if not math.isfinite(loss):
+            raise Diverged(f"the loss is {loss} at step {step} (micro-batch {m + 1} of {len(losses)})")
     stepped = True
     if scaler:
         try:
@@ -607,24 +622,25 @@ def apply_update(optimizer, params, grads, lr, grad_clip, scaler, step):
         raise Diverged(f"the gradient norm is {grad_norm} at step {step}")
     if stepped:
         optimizer.step(params, grads, lr)
-    return grad_norm, stepped
+    return grad_norm, stepped, losses
 
 
 def evaluate(params, config, inputs, targets, batch_size, workers=None):
-    """Mean loss over all non-pad target tokens of (inputs, targets), or None for no rows.
-    Each batch's rows are shared out over `workers` (a cpu.DataParallel; by default one
-    per core when BLAS is single-threaded, see cpu.cpu_workers)."""
+    """Mean loss over all non-pad target tokens of (inputs, targets) (NumPy arrays), or None for
+    no rows. Each batch's rows are shared out over `workers` (a cpu.DataParallel; by default one
+    per core when BLAS is single-threaded, see cpu.cpu_workers). On a GPU the batches' losses
+    add up on the device and one wait at the end fetches the sum."""
     workers = workers or cpu.DataParallel(cpu.cpu_workers())
     total, count = 0.0, 0
-    for start in range(0, len(inputs), batch_size):
-        idx = albor.xp.asarray(inputs[start:start + batch_size])
-        tgt = albor.xp.asarray(targets[start:start + batch_size])
-        n_valid = int((targets[start:start + batch_size] != albor.IGNORE_INDEX).sum())
-        if n_valid == 0:
-            continue
-        total += workers.loss(params, config, idx, tgt) * n_valid
-        count += n_valid
-    return total / count if count else None
+    with gpu.half_weights(params):
+        for start in range(0, len(inputs), batch_size):
+            idx, tgt = inputs[start:start + batch_size], targets[start:start + batch_size]
+            n_valid = int((tgt != albor.IGNORE_INDEX).sum())
+            if n_valid == 0:
+                continue
+            total += workers.loss(params, config, idx, tgt) * n_valid
+            count += n_valid
+    return gpu.fetch(total)[0] / count if count else None
 
 
 def perplexity(loss):
@@ -636,8 +652,9 @@ def parse_eval(params, config, tok, val_texts, args):
     documents' first lines that ast.parse accepts, up to 128 new tokens each (fewer if the
     context is short), seeded with --seed."""
     max_new_tokens = min(128, config.max_position_embeddings // 2)
-    return sample.parse_rate(params, config, tok, sample.eval_prompts(val_texts), args["eval_samples"],
-                             max_new_tokens=max_new_tokens, seed=args["seed"])
+    with gpu.half_weights(params):   # --dtype bf16/fp16: the weights' half copies, made once
+        return sample.parse_rate(params, config, tok, sample.eval_prompts(val_texts), args["eval_samples"],
+                                 max_new_tokens=max_new_tokens, seed=args["seed"])
 
 
 # -----------------------------------------------------------------------------
@@ -765,7 +782,7 @@ def load_weights(run):
         run.optimizer = cpu.FastAdamW(run.params, betas=(args["beta1"], args["beta2"]), eps=args["eps"],
                                       weight_decay=args["weight_decay"])
     run.last_saved = run.start_step if run.resumed_here else None   # the checkpoint in --out
-    gpu.configure(matmul_dtype=args["dtype"])   # fp32 unless --dtype (GPU only)
+    gpu.configure(matmul_dtype=args["dtype"])   # fp32 unless --dtype (emulated on a CPU)
     run.scaler = gpu.LossScaler() if args["dtype"] == "fp16" else None
     if run.scaler and state and state.get("loss_scaler"):
         run.scaler.load_state(state["loss_scaler"])
@@ -775,6 +792,9 @@ def load_weights(run):
 def print_setup(run):
     args, workers = run.args, run.workers
     on = f"{albor.BACKEND}, {workers.workers} worker threads" if workers.workers > 1 else albor.BACKEND
+    if args["dtype"] != "fp32":
+        emulated = " (emulated: slower than fp32)" if albor.BACKEND == "numpy" else ""
+        on += f", {args['dtype']} matmuls{emulated}"
     print(f"albor {run.config_name}: {albor.param_count(run.config):,} parameters on {on}; "
           f"data: {run.corpus.description}")
     print(f"tokenizer: {run.tok_origin}, {run.tok.vocab_size:,} tokens")
