@@ -22,7 +22,11 @@ What a run does, in the order of the sections below:
    micro-batch's rows are shared out over one worker thread per core (cpu.py, with
    single-threaded BLAS: set below, before NumPy loads). On a GPU, --dtype
    tf32/bf16/fp16 runs the matmuls in that precision (gpu.py; fp16 with dynamic
-   loss scaling: a step whose gradients overflow is skipped).
+   loss scaling: a step whose gradients overflow is skipped). Under MPI
+   (`mpiexec -n N python train.py ...`, distributed.py) the rows of every
+   micro-batch are shared out over the N ranks too and their gradients summed
+   by an all-reduce: the same steps on the same rows, N processes doing them;
+   rank 0 alone writes the run folder and prints.
 5. The run: setup (model, data, optimizer), the loop (a step, a line in
    metrics.jsonl, a checkpoint every --save-every steps), and the finish:
    validation loss, the parse rate (the share of --eval-samples sampled
@@ -36,7 +40,8 @@ The run folder (--out, default checkpoints/<config>):
     final_model.json                                 losses, parse rate, timing and provenance of the run
 
 Ctrl-C stops after the current step and saves a checkpoint that --resume
-continues exactly (same final weights, byte for byte, as a run never stopped).
+continues exactly (same final weights, byte for byte, as a run never stopped);
+under MPI, a Ctrl-C on any rank stops every rank after the same step.
 """
 import argparse
 import contextlib
@@ -60,6 +65,7 @@ from tqdm import tqdm  # noqa: E402
 import albor  # noqa: E402
 import checkpoint  # noqa: E402
 import cpu  # noqa: E402
+import distributed  # noqa: E402
 import gpu  # noqa: E402
 import sample  # noqa: E402
 from tokenizer import EOT_ID, PAD_ID, Tokenizer  # noqa: E402
@@ -483,7 +489,7 @@ class Diverged(Exception):
 
 
 def train_step(params, config, optimizer, inputs, targets, lr, grad_clip, step, timing, scaler=None,
-               workers=None):
+               workers=None, group=distributed.SINGLE):
     """One optimizer step on the micro-batches inputs[m], targets[m] (each (B, T)).
 
     Returns (loss, pre-clip gradient norm, number of non-pad targets, whether the optimizer
@@ -491,7 +497,10 @@ def train_step(params, config, optimizer, inputs, targets, lr, grad_clip, step, 
     micro-batch's mean loss counts with weight n_valid[m] / n_valid_step, and backward's
     loss_scale gives its gradient the same weight, added into one gradient dict (so 4
     micro-batches of 4 rows = one batch of 16 rows). workers (a cpu.DataParallel; default one
-    thread) share each micro-batch's rows out, their gradients summed before clipping.
+    thread) share each micro-batch's rows out, their gradients summed before clipping. With MPI
+    (group: distributed.py) every rank gets the whole step and its workers take the rank's share
+    of the rows; the ranks' loss sums and gradients are added up, so every rank clips the same
+    gradients and takes the same step.
     With --dtype fp16 the scaler's scale multiplies that loss_scale too (see apply_update).
     Phase times go into timing; they come from gpu.PhaseClock (CUDA events on the GPU: no
     waiting between phases; the step waits for the GPU once, at its end).
@@ -503,16 +512,18 @@ def train_step(params, config, optimizer, inputs, targets, lr, grad_clip, step, 
     worker_seconds = dict(workers.seconds)
     clock = gpu.PhaseClock()
     clock.start()
-    loss_sum = 0.0
+    loss_sums = []   # per micro-batch: the loss summed over its counted targets (this process's rows)
     for m in range(len(inputs)):
         idx, tgt = albor.xp.asarray(inputs[m]), albor.xp.asarray(targets[m])
         weight = loss_scale * n_valid[m] / n_valid_step  # this micro-batch's share of the step
-        loss = workers.forward_backward(params, config, idx, tgt, loss_scale=weight)
-        if not math.isfinite(loss):
-            workers.gradients()  # drop the step's partial gradients
-            raise Diverged(f"the loss is {loss} at step {step} (micro-batch {m + 1} of {len(inputs)})")
-        loss_sum += loss * n_valid[m]
+        loss_sums.append(workers.forward_backward(params, config, idx, tgt, loss_scale=weight))
+    loss_sums = group.sum_floats(loss_sums)   # every rank's rows
     grads = workers.gradients()
+    for m, loss_sum in enumerate(loss_sums):
+        if not math.isfinite(loss_sum):   # (the step's partial gradients are dropped)
+            raise Diverged(f"the loss is {loss_sum / n_valid[m]} at step {step} (micro-batch {m + 1} of "
+                           f"{len(inputs)})")
+    grads = group.sum_gradients(grads, params)   # every rank's gradients, added up
     clock.mark("model_seconds")
     grad_norm, stepped = apply_update(optimizer, params, grads, lr, grad_clip, scaler, step)
     clock.mark("optimizer_seconds")
@@ -525,7 +536,7 @@ def train_step(params, config, optimizer, inputs, targets, lr, grad_clip, step, 
     phases["backward_seconds"] = model * backward / (forward + backward)
     for phase, seconds in phases.items():
         timing[phase] += seconds
-    return loss_sum / n_valid_step, grad_norm, n_valid_step, stepped
+    return sum(loss_sums) / n_valid_step, grad_norm, n_valid_step, stepped
 
 
 def apply_update(optimizer, params, grads, lr, grad_clip, scaler, step):
@@ -548,21 +559,22 @@ def apply_update(optimizer, params, grads, lr, grad_clip, scaler, step):
     return grad_norm, stepped
 
 
-def evaluate(params, config, inputs, targets, batch_size, workers=None):
+def evaluate(params, config, inputs, targets, batch_size, workers=None, group=distributed.SINGLE):
     """Mean loss over all non-pad target tokens of (inputs, targets), or None for no rows.
     Each batch's rows are shared out over `workers` (a cpu.DataParallel; by default one
-    per core when BLAS is single-threaded, see cpu.cpu_workers)."""
+    per core when BLAS is single-threaded, see cpu.cpu_workers), and with MPI over the ranks
+    (every rank of `group` takes part)."""
     workers = workers or cpu.DataParallel(cpu.cpu_workers())
-    total, count = 0.0, 0
+    loss_sums, count = [], 0
     for start in range(0, len(inputs), batch_size):
         idx = albor.xp.asarray(inputs[start:start + batch_size])
         tgt = albor.xp.asarray(targets[start:start + batch_size])
         n_valid = int((targets[start:start + batch_size] != albor.IGNORE_INDEX).sum())
         if n_valid == 0:
             continue
-        total += workers.loss(params, config, idx, tgt) * n_valid
+        loss_sums.append(workers.loss_sum(params, config, idx, tgt))
         count += n_valid
-    return total / count if count else None
+    return sum(group.sum_floats(loss_sums)) / count if count else None
 
 
 def perplexity(loss):
@@ -588,12 +600,17 @@ def parse_eval(params, config, tok, val_texts, args):
 #   params, optimizer, scaler, workers, start_step, loss_curve, timing, last_saved.
 
 
-def setup(args, given):
-    """Everything the loop needs, from the settings: model shape, data, tokenizer, weights."""
-    run = SimpleNamespace(args=args, state=None)
+def setup(args, given, group=distributed.SINGLE):
+    """Everything the loop needs, from the settings: model shape, data, tokenizer, weights.
+    group: the processes training together (distributed.py; one process by default)."""
+    run = SimpleNamespace(args=args, state=None, group=group)
     source_folder = args["resume"] or args["init"]
     if args["resume"]:
         run.args, run.state = merge_resumed_settings(args, given)
+    if run.args["batch_size"] < group.size:
+        raise RunError(f"--batch-size {run.args['batch_size']} is smaller than the {group.size} ranks: each "
+                       "rank takes a share of every micro-batch's rows (raise --batch-size; lower "
+                       "--grad-accum to keep the rows per step)")
     run.config, run.config_name = model_config(run.args, given, source_folder)
     run.args["config"] = run.config_name
     if run.args["out"] is None:
@@ -679,12 +696,30 @@ def load_weights(run):
     run.scaler = gpu.LossScaler() if args["dtype"] == "fp16" else None
     if run.scaler and state and state.get("loss_scaler"):
         run.scaler.load_state(state["loss_scaler"])
-    run.workers = cpu.DataParallel(cpu.cpu_workers())
+    run.workers = cpu.DataParallel(run.group.threads(cpu.cpu_workers()), run.group.rank, run.group.size)
+
+
+def check_ranks_agree(run):
+    """With MPI: every rank must have read the same rows and tokenizer and hold the same weights
+    (the same files, and the same Python for the standard library, on every machine)."""
+    if run.group.size == 1:
+        return
+    mine = {name: run.provenance[name] for name in ("train_rows_sha256", "val_rows_sha256", "tokenizer_sha256",
+                                                    "config_sha256")}
+    mine.update(weights=distributed.digest(run.params[name] for name in sorted(run.params)),
+                step=str(run.start_step))
+    difference = run.group.first_difference(mine)
+    if difference:
+        raise RunError(f"{difference}: every rank must read the same data, tokenizer and checkpoint "
+                       "(the same files, and the same Python, on every machine)")
 
 
 def print_setup(run):
     args, workers = run.args, run.workers
     on = f"{albor.BACKEND}, {workers.workers} worker threads" if workers.workers > 1 else albor.BACKEND
+    if run.group.size > 1:
+        on = (f"{albor.BACKEND}, {run.group.size} MPI ranks of {workers.workers} worker "
+              f"thread{'s' if workers.workers > 1 else ''} each")
     print(f"albor {run.config_name}: {albor.param_count(run.config):,} parameters on {on}; "
           f"data: {run.corpus.description}")
     print(f"tokenizer: {run.tok_origin}, {run.tok.vocab_size:,} tokens")
@@ -704,7 +739,12 @@ def print_setup(run):
 
 
 def start_metrics_log(run):
-    """metrics.jsonl in the run folder: the resumed run's lines up to its step, then ours."""
+    """metrics.jsonl in the run folder: the resumed run's lines up to its step, then ours
+    (rank 0 writes it)."""
+    same_folder = run.args["resume"] and os.path.abspath(run.out) == os.path.abspath(run.args["resume"])
+    run.last_saved = run.start_step if same_folder else None
+    if not run.group.is_root:
+        return
     os.makedirs(run.out, exist_ok=True)
     old_lines = []
     resumed = os.path.join(run.args["resume"] or "", METRICS)
@@ -717,12 +757,14 @@ def start_metrics_log(run):
                 except (json.JSONDecodeError, KeyError, TypeError):
                     pass   # a line cut by a crash
     checkpoint.atomic_write_bytes(os.path.join(run.out, METRICS), "".join(old_lines).encode("utf-8"))
-    same_folder = run.args["resume"] and os.path.abspath(run.out) == os.path.abspath(run.args["resume"])
-    run.last_saved = run.start_step if same_folder else None
 
 
 def save(run, step, val_loss=None, finished=False, parse=None):
-    """Write the checkpoint (atomically) for the state after `step` optimizer steps."""
+    """Write the checkpoint (atomically) for the state after `step` optimizer steps. Rank 0
+    writes it; the other ranks (which hold the same state) only note that it is there."""
+    if not run.group.is_root:
+        run.last_saved = step
+        return
     save_start = time.perf_counter()
     curve, timing = run.loss_curve, run.timing
     trainer_state = {"step": step, "args": run.args, "loss_curve": curve, "timing": timing,
@@ -774,12 +816,12 @@ def train_loop(run):
     previous_handler = signal.signal(signal.SIGINT, stop) if in_main_thread else None
     # a layer clock on the CPU only: on a GPU it would have to wait for every layer
     layer_clock = cpu.LayerClock() if albor.BACKEND == "numpy" else None
-    step = run.start_step
+    step, stopping = run.start_step, False
     bar = tqdm(total=run.max_steps, initial=step, unit="step", dynamic_ncols=True)
+    metrics_path = os.path.join(run.out, METRICS) if run.group.is_root else os.devnull  # rank 0 writes
     try:
-        with layer_clock or contextlib.nullcontext(), \
-                open(os.path.join(run.out, METRICS), "a", encoding="utf-8") as metrics:
-            while step < run.max_steps and not stop.requested:
+        with layer_clock or contextlib.nullcontext(), open(metrics_path, "a", encoding="utf-8") as metrics:
+            while step < run.max_steps and not stopping:
                 step += 1
                 record = one_step(run, step, layer_clock)
                 metrics.write(json.dumps(record) + "\n")
@@ -789,6 +831,7 @@ def train_loop(run):
                                 tok_s=f"{run.tokens_per_step / record['seconds']:.0f}")
                 if run.args["save_every"] and step % run.args["save_every"] == 0 and step < run.max_steps:
                     save(run, step)
+                stopping = run.group.any(stop.requested)   # a Ctrl-C on any rank stops every rank
     except Diverged as e:
         kept = (f"the last good checkpoint (step {run.last_saved}) stays in {run.out}"
                 if run.last_saved is not None else f"no checkpoint of this run was saved ({run.out} is left as it was)")
@@ -801,7 +844,7 @@ def train_loop(run):
         bar.close()
         if in_main_thread:
             signal.signal(signal.SIGINT, previous_handler)
-    return step, stop.requested and step < run.max_steps
+    return step, stopping and step < run.max_steps
 
 
 def one_step(run, step, layer_clock):
@@ -815,14 +858,14 @@ def one_step(run, step, layer_clock):
     scale = run.scaler.scale if run.scaler else None
     loss, grad_norm, n_valid, stepped = train_step(
         run.params, run.config, run.optimizer, run.train_inputs[rows], run.train_targets[rows],
-        lr, args["grad_clip"], step, timing, run.scaler, run.workers)
+        lr, args["grad_clip"], step, timing, run.scaler, run.workers, run.group)
     if not stepped:
         tqdm.write(f"step {step}: a gradient overflowed in fp16 at loss scale {scale:g}; "
                    f"step skipped, loss scale now {run.scaler.scale:g}")
     seconds = time.perf_counter() - step_start
     timing["train_seconds"] += seconds
     if layer_clock:  # the layer clock adds up every worker thread's time: per thread, on average
-        threads = len(cpu.row_shards(args["batch_size"], run.workers.workers))
+        threads = len(run.workers.my_rows(args["batch_size"]))
         layers = layer_clock.take()
         attention = layers.pop("attention", 0.0)
         timing["attention_seconds"] += attention / threads
@@ -840,7 +883,9 @@ def finish(run, step, wall_start):
     timing = run.timing
     eval_start = time.perf_counter()
     val_loss = evaluate(run.params, run.config, run.val_inputs, run.val_targets,
-                        run.args["batch_size"], run.workers)
+                        run.args["batch_size"], run.workers, run.group)
+    if not run.group.is_root:
+        return   # rank 0 samples, saves and reports
     parse = parse_eval(run.params, run.config, run.tok, run.val_texts, run.args)
     timing["eval_seconds"] = timing.get("eval_seconds", 0.0) + time.perf_counter() - eval_start
     timing["wall_seconds"] = timing.get("wall_seconds", 0.0) + time.perf_counter() - wall_start
@@ -858,7 +903,9 @@ def evaluate_only(run):
     args = run.args
     start = time.perf_counter()
     val_loss = evaluate(run.params, run.config, run.val_inputs, run.val_targets, args["batch_size"],
-                        run.workers)
+                        run.workers, run.group)
+    if not run.group.is_root:
+        return 0   # rank 0 samples, writes and reports
     parse = parse_eval(run.params, run.config, run.tok, run.val_texts, args)
     source = os.path.join(args["resume"], FINAL_MODEL)
     final_model = read_json(source, "the run's summary") if os.path.exists(source) else {}
@@ -915,19 +962,26 @@ def print_summary(config_name, step, tokens_per_step, loss_curve, val_loss, val_
 
 def main(argv=None):
     try:
-        return execute(argv)
-    except (RunError, checkpoint.CheckpointError) as e:
+        group = distributed.start()   # one process; or, under mpiexec, this rank's place among them
+    except distributed.LaunchError as e:
         raise SystemExit(f"train.py: error: {e}") from None
-    except KeyboardInterrupt:   # Ctrl-C before the training loop (which handles its own)
-        raise SystemExit("train.py: interrupted before training started; nothing was saved") from None
+    with group.stop_all_on_failure():   # with MPI: an error on any rank ends every rank
+        try:
+            return execute(argv, group)
+        except (RunError, checkpoint.CheckpointError) as e:
+            raise SystemExit(f"train.py: error: {e}") from None
+        except KeyboardInterrupt:   # Ctrl-C before the training loop (which handles its own)
+            raise SystemExit("train.py: interrupted before training started; nothing was saved") from None
 
 
-def execute(argv):
+def execute(argv, group=distributed.SINGLE):
     """The whole run: settings, setup, the loop, and the finish (or a save when stopped)."""
     wall_start = time.perf_counter()
     args, given = parse_settings(argv)
     cpu.keep_freed_memory()  # the CPU step's temporaries are reused, not page-faulted in anew
-    run = setup(args, given)
+    with group.root_first():   # with MPI, rank 0 first: a tokenizer is trained (and cached) once
+        run = setup(args, given, group)
+    check_ranks_agree(run)
     print_setup(run)
     if run.args["eval_only"]:
         return evaluate_only(run)
