@@ -161,7 +161,7 @@ class MPIGroup:
         """The element-wise sum over the ranks of a list of floats (float64), on every rank."""
         from mpi4py import MPI
         buffer = np.array(values, dtype=np.float64)
-        with self.deadline("the sum of the step's losses"):
+        with self.deadline("the sum of the losses"):
             self.comm.Allreduce(MPI.IN_PLACE, buffer, op=MPI.SUM)
         return buffer.tolist()
 
@@ -192,7 +192,7 @@ class MPIGroup:
         """None if every rank holds the same `values` (a dict of strings); else which differ."""
         for rank, theirs in enumerate(self.comm.allgather(values)):
             for name, value in theirs.items():
-                if value != values.get(name) and rank != self.rank:
+                if rank != self.rank and value != values.get(name):
                     return f"rank {rank}'s {name} differs from rank {self.rank}'s"
         return None
 

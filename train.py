@@ -706,7 +706,7 @@ def check_ranks_agree(run):
         return
     mine = {name: run.provenance[name] for name in ("train_rows_sha256", "val_rows_sha256", "tokenizer_sha256",
                                                     "config_sha256")}
-    mine.update(weights=distributed.digest(run.params[name] for name in sorted(run.params)),
+    mine.update(weights_sha256=distributed.digest(run.params[name] for name in sorted(run.params)),
                 step=str(run.start_step))
     difference = run.group.first_difference(mine)
     if difference:

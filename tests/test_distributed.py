@@ -64,7 +64,10 @@ def save_checkpoint(folder, *args, **kwargs):
     return real_save(folder, *args, **kwargs)
 
 albor.backward, checkpoint.save_checkpoint = backward, save_checkpoint
-sys.exit(train.main(sys.argv[1:]))
+argv = sys.argv[1:]
+if str(rank) == os.environ.get("TEST_RANK") and os.environ.get("TEST_ACTION") == "another seed":
+    argv += ["--seed", "1"]
+sys.exit(train.main(argv))
 """
 
 
@@ -267,6 +270,20 @@ def test_a_stuck_rank_is_given_up_on_after_the_timeout(base, tmp_path):
             os.killpg(process.pid, signal.SIGKILL)
     assert process.returncode != 0
     assert "no answer from the other ranks for 3 s in the" in stderr, stderr
+
+
+def test_ranks_that_read_other_rows_or_hold_other_weights_stop_at_the_start(base, tmp_path):
+    result = launch(base + ["--out", tmp_path / "run"], ranks=2, TEST_RANK=1, TEST_ACTION="another seed")
+    assert result.returncode != 0
+    assert "train.py: error: rank 1's train_rows_sha256 differs from rank 0's: every rank must read the " \
+           "same data" in result.stderr
+    assert not (tmp_path / "run").exists()
+    comm = SimpleNamespace(Get_rank=lambda: 0, Get_size=lambda: 2,
+                           allgather=lambda mine: [mine, dict(mine, weights_sha256="b")])
+    group = distributed.MPIGroup(comm)
+    assert group.first_difference({"weights_sha256": "a"}) == "rank 1's weights_sha256 differs from rank 0's"
+    comm.allgather = lambda mine: [mine, mine]
+    assert group.first_difference({"weights_sha256": "a"}) is None
 
 
 def test_every_rank_needs_a_row_of_each_micro_batch(base, tmp_path):
@@ -491,3 +508,33 @@ def test_nccl_takes_only_float32_arrays():
     with pytest.raises(TypeError, match="C-contiguous float32 arrays, got float64"):
         all_reduce([np.zeros(3, dtype=np.float64)])
     assert nccl.calls[0][-1] == "groupEnd"   # the group is closed even then
+
+
+def test_start_picks_the_gpu_of_the_local_rank_before_nccl_is_set_up(monkeypatch):
+    """start() on a GPU machine, with fakes of mpi4py and CuPy: world rank 3 of 4, the second of
+    the 2 ranks on its machine, drives GPU 1 (chosen before any NCCL set-up), and its gradients
+    go through NCCL; rank 3 prints nothing (its stdout and stderr go to /dev/null)."""
+    events = []
+    machine = SimpleNamespace(Get_rank=lambda: 1, Get_size=lambda: 2, allgather=lambda cores: [cores, cores])
+    world = SimpleNamespace(Get_rank=lambda: 3, Get_size=lambda: 4, Split_type=lambda kind: machine)
+    monkeypatch.setitem(sys.modules, "mpi4py", SimpleNamespace(MPI=SimpleNamespace(COMM_WORLD=world,
+                                                                                   COMM_TYPE_SHARED="shared")))
+
+    class Device:
+        def __init__(self, index):
+            self.index = index
+
+        def use(self):
+            events.append(("use GPU", self.index))
+
+    cuda = SimpleNamespace(Device=Device, runtime=SimpleNamespace(getDeviceCount=lambda: 2))
+    monkeypatch.setattr(distributed, "gpu", SimpleNamespace(BACKEND="cupy", xp=SimpleNamespace(cuda=cuda)))
+    monkeypatch.setattr(distributed, "NcclAllReduce", lambda comm: events.append(("NCCL", comm)) or "nccl")
+    monkeypatch.setattr(sys, "stdout", sys.stdout)
+    monkeypatch.setattr(sys, "stderr", sys.stderr)
+    group = distributed.start({"PMI_SIZE": "4", "PMI_RANK": "3"})
+    assert events == [("use GPU", 1), ("NCCL", world)]
+    assert (group.rank, group.size, group.local_rank, group.is_root) == (3, 4, 1, False)
+    assert group.all_reduce == "nccl"
+    assert sys.stdout.name == os.devnull and sys.stderr.name == os.devnull
+    sys.stdout.close()
