@@ -17,6 +17,7 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from types import SimpleNamespace
 
 import numpy as np
@@ -93,22 +94,56 @@ def start(argv, ranks=None, threads=None, **env):
         command = [oracles.mpiexec(), "-n", str(ranks)] + command
     variables = {name: value for name, value in os.environ.items()
                  if not name.startswith(("PMI_", "OMPI_", "MV2_", "TEST_"))}
-    variables.update(ALBOR_DEVICE="cpu", OPENBLAS_NUM_THREADS="1",
+    mark = uuid.uuid4().hex   # in the environment of every process of this run, to find them by
+    variables.update(ALBOR_DEVICE="cpu", OPENBLAS_NUM_THREADS="1", TEST_MARK=mark,
                      **{name: str(value) for name, value in env.items()})
     if threads:
         variables["TEST_THREADS"] = str(threads)
-    return subprocess.Popen(command, cwd=ROOT, env=variables, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, preexec_fn=at_most_two_cores, start_new_session=True)
+    process = subprocess.Popen(command, cwd=ROOT, env=variables, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True, preexec_fn=at_most_two_cores, start_new_session=True)
+    process.mark = mark
+    return process
+
+
+def processes_of(mark, rank=None):
+    """The pids of the processes started with TEST_MARK=mark (mpiexec, its proxies, the ranks),
+    or of rank `rank` alone."""
+    wanted = [f"TEST_MARK={mark}".encode()]
+    if rank is not None:
+        wanted.append(f"PMI_RANK={rank}".encode())
+    pids = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                environ = f.read().split(b"\0")
+        except OSError:
+            continue
+        if all(variable in environ for variable in wanted):
+            pids.append(int(pid))
+    return pids
+
+
+def finish(process, signum=None, rank=None, after_steps=None, out=None):
+    """Wait for the run to end (after sending signum to rank `rank` once `out` shows after_steps
+    steps; rank None: to the whole process group, as a terminal's Ctrl-C does); a run that
+    outlives the hang guard is killed, process by process. Returns its returncode, stdout, stderr."""
+    try:
+        if signum is not None:
+            wait_for_steps(out, after_steps, process)
+            if rank is None:
+                os.killpg(process.pid, signum)
+            else:
+                [pid] = processes_of(process.mark, rank)
+                os.kill(pid, signum)
+        stdout, stderr = process.communicate(timeout=HANG_GUARD)
+    finally:
+        for pid in processes_of(process.mark) if process.poll() is None else []:
+            os.kill(pid, signal.SIGKILL)
+    return SimpleNamespace(returncode=process.returncode, stdout=stdout, stderr=stderr)
 
 
 def launch(argv, ranks=None, threads=None, **env):
-    process = start(argv, ranks, threads, **env)
-    try:
-        stdout, stderr = process.communicate(timeout=HANG_GUARD)
-    finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
-    return SimpleNamespace(returncode=process.returncode, stdout=stdout, stderr=stderr)
+    return finish(start(argv, ranks, threads, **env))
 
 
 def metrics(folder, drop=("seconds",)):
@@ -138,20 +173,6 @@ def wait_for_steps(folder, steps, process):
             return
         time.sleep(0.05)
     raise AssertionError(f"the run never logged {steps} steps:\n" + "".join(process.communicate()))
-
-
-def rank_pid(mark, rank):
-    """The pid of rank `rank` of the run started with TEST_MARK=mark (found by its environment)."""
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            with open(f"/proc/{pid}/environ", "rb") as f:
-                environ = f.read().split(b"\0")
-        except OSError:
-            continue
-        if f"TEST_MARK={mark}".encode() in environ and (f"PMI_RANK={rank}".encode() in environ or
-                                                        f"OMPI_COMM_WORLD_RANK={rank}".encode() in environ):
-            return int(pid)
-    raise AssertionError(f"rank {rank} not found")
 
 
 # -----------------------------------------------------------------------------
@@ -193,16 +214,10 @@ def test_ctrl_c_at_the_terminal_stops_every_rank_after_a_step_and_saves_once(bas
     """A terminal's Ctrl-C signals the whole foreground process group: mpiexec (which forwards
     it to the ranks) and the ranks themselves. The run still stops once, cleanly."""
     out, log = tmp_path / "run", tmp_path / "saves.log"
-    process = start(base + ["--max-steps", "100000", "--out", out], ranks=2, TEST_LOG=log)
-    try:
-        wait_for_steps(out, 2, process)
-        os.killpg(process.pid, signal.SIGINT)
-        stdout, stderr = process.communicate(timeout=HANG_GUARD)
-    finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
-    assert process.returncode == 0, stdout + stderr
-    step = int(re.search(r"stopped at step (\d+) of 100000", stdout).group(1))
+    result = finish(start(base + ["--max-steps", "100000", "--out", out], ranks=2, TEST_LOG=log),
+                    signal.SIGINT, after_steps=2, out=out)
+    assert result.returncode == 0, result.stdout + result.stderr
+    step = int(re.search(r"stopped at step (\d+) of 100000", result.stdout).group(1))
     assert saves(log) == [f"rank 0 saved step {step}"]
     assert len(metrics(out)) == step
 
@@ -242,16 +257,10 @@ def test_a_killed_rank_ends_the_others_and_the_last_checkpoint_loads(base, tmp_p
     """kill -9 of rank 1 mid-run: the launcher sees it die, ends rank 0 and says so; the last
     checkpoint (one every step, so rank 0 may have been cut off in the middle of a save) loads."""
     out = tmp_path / "run"
-    process = start(base + ["--max-steps", "100000", "--save-every", "1", "--out", out], ranks=2, TEST_MARK=out)
-    try:
-        wait_for_steps(out, 3, process)
-        os.kill(rank_pid(out, 1), signal.SIGKILL)
-        stdout, stderr = process.communicate(timeout=HANG_GUARD)
-    finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
-    assert process.returncode != 0
-    assert "BAD TERMINATION OF ONE OF YOUR APPLICATION PROCESSES" in stdout + stderr, stdout + stderr
+    result = finish(start(base + ["--max-steps", "100000", "--save-every", "1", "--out", out], ranks=2),
+                    signal.SIGKILL, rank=1, after_steps=3, out=out)
+    assert result.returncode != 0
+    assert "BAD TERMINATION OF ONE OF YOUR APPLICATION PROCESSES" in result.stdout + result.stderr
     _, params, step = checkpoint.load_checkpoint(out)
     assert step >= 2 and set(params) == set(albor.init_params(albor.get_config("tiny")))
 
@@ -260,16 +269,10 @@ def test_a_stuck_rank_is_given_up_on_after_the_timeout(base, tmp_path):
     """A rank that stops answering (SIGSTOP: alive, so the launcher sees nothing wrong): rank 0
     waits ALBOR_MPI_TIMEOUT seconds in the step's all-reduce, then says so and ends the run."""
     out = tmp_path / "run"
-    process = start(base + ["--max-steps", "100000", "--out", out], ranks=2, ALBOR_MPI_TIMEOUT=3, TEST_MARK=out)
-    try:
-        wait_for_steps(out, 2, process)
-        os.kill(rank_pid(out, 1), signal.SIGSTOP)
-        stdout, stderr = process.communicate(timeout=HANG_GUARD)
-    finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
-    assert process.returncode != 0
-    assert "no answer from the other ranks for 3 s in the" in stderr, stderr
+    result = finish(start(base + ["--max-steps", "100000", "--out", out], ranks=2, ALBOR_MPI_TIMEOUT=3),
+                    signal.SIGSTOP, rank=1, after_steps=2, out=out)
+    assert result.returncode != 0
+    assert "no answer from the other ranks for 3 s in the" in result.stderr, result.stderr
 
 
 def test_ranks_that_read_other_rows_or_hold_other_weights_stop_at_the_start(base, tmp_path):
