@@ -254,7 +254,13 @@ class NcclAllReduce:
 
     def __init__(self, comm, nccl=None, current_stream=None):
         if nccl is None:
-            from cupy.cuda import nccl
+            try:
+                from cupy.cuda import nccl
+            except ImportError:
+                pass
+        if not getattr(nccl, "available", False):   # CuPy's flag: it found the NCCL library
+            raise LaunchError("CuPy cannot use NCCL on this machine (README: More than one process "
+                              "says how to install it)")
         self.nccl = nccl
         self.current_stream = current_stream or gpu.xp.cuda.get_current_stream
         rank, size = comm.Get_rank(), comm.Get_size()

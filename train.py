@@ -161,7 +161,9 @@ def build_parser():
                "  python train.py --config tiny --rows 200 --out runs/tiny\n"
                "  python train.py --resume checkpoints/albor-base-50m --max-steps 100\n"
                "  python train.py --eval-only --resume checkpoints/albor-base-50m\n"
-               "  python train.py --init checkpoints/albor-base-50m --data my_code/ --out runs/ft",
+               "  python train.py --init checkpoints/albor-base-50m --data my_code/ --out runs/ft\n"
+               "  mpiexec -n 2 python train.py --rows 500            the same run over 2 MPI ranks "
+               "(README: More than one process)",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     for name, help, options in FLAGS:
         default = DEFAULTS[name.lstrip("-").replace("-", "_")]

@@ -418,6 +418,7 @@ class FakeNccl:
     addresses it is given (a real call only queues the work on the stream, within a group)."""
 
     NCCL_FLOAT32, NCCL_SUM = 7, 0
+    available = True
 
     def __init__(self, world):
         self.world = world
@@ -501,6 +502,13 @@ def test_nccl_sums_each_gradient_in_place_in_float32_in_one_group_call():
         assert streams[rank].waits == 1
     for name in params:                                        # only the gradients are summed
         assert params[name].tobytes() == before[name].tobytes()
+
+
+def test_without_nccl_a_gpu_run_stops_with_a_one_line_error():
+    with pytest.raises(distributed.LaunchError, match="CuPy cannot use NCCL on this machine"):
+        distributed.NcclAllReduce(FakeComm(0, 1, FakeWorld(1)))   # no CuPy here; or CuPy without NCCL
+    with pytest.raises(distributed.LaunchError, match="CuPy cannot use NCCL"):
+        distributed.NcclAllReduce(FakeComm(0, 1, FakeWorld(1)), SimpleNamespace(available=False))
 
 
 def test_nccl_takes_only_float32_arrays():
