@@ -307,9 +307,12 @@ def start(environ=os.environ):
                                     machine.allgather(sorted(os.sched_getaffinity(0))), local_rank)
     all_reduce = None
     if gpu.BACKEND == "cupy":
-        gpu.xp.cuda.Device(gpu_for_rank(local_rank, machine.Get_size(),
-                                        gpu.xp.cuda.runtime.getDeviceCount())).use()
-        all_reduce = NcclAllReduce(comm)
+        try:   # (a machine without enough GPUs, or without NCCL, must not leave the others waiting)
+            gpu.xp.cuda.Device(gpu_for_rank(local_rank, machine.Get_size(),
+                                            gpu.xp.cuda.runtime.getDeviceCount())).use()
+            all_reduce = NcclAllReduce(comm)
+        except LaunchError as e:
+            MPIGroup(comm).abort(f"{os.path.basename(sys.argv[0])}: error: {e}")
     group = MPIGroup(comm, local_rank, threads_each, all_reduce, timeout)
     if not group.is_root:
         sys.stdout = sys.stderr = open(os.devnull, "w")

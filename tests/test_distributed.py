@@ -9,6 +9,7 @@ are hang guards only, never speed checks.
 """
 import collections
 import ctypes
+import io
 import json
 import os
 import re
@@ -549,3 +550,14 @@ def test_start_picks_the_gpu_of_the_local_rank_before_nccl_is_set_up(monkeypatch
     assert group.all_reduce == "nccl"
     assert sys.stdout.name == os.devnull and sys.stderr.name == os.devnull
     sys.stdout.close()
+    # a machine with fewer GPUs than ranks: this rank says so and ends every rank (MPI_Abort)
+    cuda.runtime.getDeviceCount = lambda: 1
+
+    def abort(code):
+        raise SystemExit(f"MPI_Abort({code})")
+
+    world.Abort = abort
+    monkeypatch.setattr(sys, "__stderr__", io.StringIO())
+    with pytest.raises(SystemExit, match=r"MPI_Abort\(1\)"):
+        distributed.start({"PMI_SIZE": "4"})
+    assert "error: 2 ranks on this machine but 1 GPU(s) visible" in sys.__stderr__.getvalue()
