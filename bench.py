@@ -748,7 +748,8 @@ def ranks_benchmark(config_name, ranks, B, T, grad_accum, steps):
     argv = [os.path.join(root, "train.py"), "--config", config_name, "--rows", str(steps * B * grad_accum),
             "--batch-size", str(B), "--seq-len", str(T), "--grad-accum", str(grad_accum),
             "--max-steps", str(steps), "--val-rows", "0", "--eval-samples", "0"]
-    layouts = {"one process": [sys.executable], f"mpiexec -n {ranks}": [mpiexec, "-n", str(ranks), sys.executable]}
+    layouts = {"one process": [sys.executable],
+               f"mpiexec -n {ranks}": [mpiexec, "-n", str(ranks), sys.executable]}
     names = list(layouts)
     print(f"train.py on {cpu_count()} CPUs, {config_name}, {steps} steps of {grad_accum} x {B} x {T} tokens "
           f"per run: {' and '.join(names)}, taking turns (load average before: "

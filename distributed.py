@@ -231,7 +231,8 @@ class MPIGroup:
                 raise
             # a message (a str) is printed here; an int status was printed already (by argparse,
             # on every rank alike: rank 0's copy is the one shown)
-            self.abort(e.code if isinstance(e.code, str) else None, code=e.code if isinstance(e.code, int) else 1)
+            message, status = (e.code, 1) if isinstance(e.code, str) else (None, e.code)
+            self.abort(message, code=status if isinstance(status, int) else 1)
         except BaseException:
             self.abort(traceback.format_exc().rstrip())
 

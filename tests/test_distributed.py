@@ -360,8 +360,8 @@ def test_ranks_take_the_shards_the_threads_of_one_process_would():
         one = threads.forward_backward(params, config, idx, targets, loss_scale=0.5)
         parts = [r.forward_backward(params, config, idx, targets, loss_scale=0.5) for r in ranks]
         assert parts[0] + parts[1] == one
-        assert ranks[0].loss_sum(params, config, idx, targets) + ranks[1].loss_sum(params, config, idx, targets) \
-            == threads.loss_sum(params, config, idx, targets)
+        parts = [r.loss_sum(params, config, idx, targets) for r in ranks]
+        assert parts[0] + parts[1] == threads.loss_sum(params, config, idx, targets)
     summed = threads.gradients()
     rank_grads = [r.gradients() for r in ranks]
     for name in params:
@@ -474,7 +474,8 @@ def test_nccl_sums_each_gradient_in_place_in_float32_in_one_group_call():
     def rank_main(rank):
         try:
             comm = FakeComm(rank, 2, world)
-            group = distributed.MPIGroup(comm, all_reduce=distributed.NcclAllReduce(comm, nccl, lambda: streams[rank]))
+            all_reduce = distributed.NcclAllReduce(comm, nccl, lambda: streams[rank])
+            group = distributed.MPIGroup(comm, all_reduce=all_reduce)
             results[rank] = (comm, group.sum_gradients(grads[rank], params))
         except BaseException as e:   # reported below, in the test's thread
             errors.append(e)
