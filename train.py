@@ -36,12 +36,18 @@ What a run does, in the order of the sections below:
 The run folder (--out, default checkpoints/<config>):
     model.safetensors, config.json, tokenizer.json   a Hugging Face LlamaForCausalLM folder
     optimizer.safetensors, trainer_state.json        what --resume needs
-    metrics.jsonl                                    one JSON line per optimizer step
     final_model.json                                 losses, parse rate, timing and provenance of the run
+    metrics.jsonl                                    one JSON line per optimizer step
+A save commits all of the checkpoint's files (all but metrics.jsonl) as one unit, the previous
+checkpoint whole until then (checkpoint.py). A run locks its folder, and a new run refuses a
+folder that holds another run's checkpoint unless --overwrite.
 
-Ctrl-C stops after the current step and saves a checkpoint that --resume
-continues exactly (same final weights, byte for byte, as a run never stopped);
-under MPI, a Ctrl-C on any rank stops every rank after the same step.
+Ctrl-C, SIGTERM or SIGHUP stops after the current step and saves a checkpoint that --resume
+continues exactly (same final weights, byte for byte, as a run never stopped). At the end the
+checkpoint is committed before the evaluation, so a stop there loses no training either. A
+second signal quits at once (once a save in progress is committed); a kill loses only the steps
+since the last save (--save-every). Under MPI a stop signal on any rank stops every rank after
+the same step.
 """
 import argparse
 import contextlib
@@ -54,6 +60,7 @@ import sys
 import sysconfig
 import threading
 import time
+import warnings
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -72,8 +79,6 @@ from tokenizer import EOT_ID, PAD_ID, Tokenizer  # noqa: E402
 
 TOKENIZER_LINES = 100_000     # a tokenizer trained here sees the corpus's first 100K lines
 TOKENIZER_MIN_FREQUENCY = 1   # merge down to pairs seen once: fills all 32,768 ids from those lines
-PREFIX_CHARS_PER_TOKEN = 32   # a row needs only a document's first tokens: encode a prefix this
-                              # many characters per token long (cut at a line end), not the whole file
 TRAINER_STATE = "trainer_state.json"
 FINAL_MODEL = "final_model.json"
 METRICS = "metrics.jsonl"
@@ -92,10 +97,13 @@ DEFAULTS = {   # the model card's run
     "batch_size": 4, "grad_accum": 4, "max_steps": None, "lr": 6e-4, "min_lr": None,
     "warmup": None, "beta1": 0.9, "beta2": 0.95, "eps": 1e-8, "weight_decay": 0.1,
     "grad_clip": 1.0, "seed": 0, "out": None, "resume": None, "init": None, "tokenizer": None,
-    "save_every": 0, "eval_samples": 8, "eval_only": False, "dtype": "fp32",
+    "save_every": 0, "eval_samples": 8, "eval_only": False, "dtype": "fp32", "overwrite": False,
 }
 # With --resume these define the rows a step reads; changing them would not continue the run.
 DATA_SETTINGS = ("data", "rows", "val_rows", "seq_len", "seed")
+# What one command asks for, never taken over from the run it resumes.
+THIS_COMMAND_ONLY = ("resume", "init", "out", "tokenizer", "eval_only", "overwrite")
+PATH_SETTINGS = ("data", "out", "resume", "init", "tokenizer")
 
 FLAGS = [   # (flag, help, argparse options), in --help's order
     ("--config", f"model preset: {', '.join(albor.PRESETS)}; with --resume/--init the model's "
@@ -145,7 +153,13 @@ FLAGS = [   # (flag, help, argparse options), in --help's order
     ("--dtype", "precision of the matmuls, GPU only: fp32, tf32, bf16 or fp16 (fp16 with dynamic "
                 "loss scaling); weights, optimizer state and all other layers stay float32",
      dict(choices=gpu.MATMUL_DTYPES)),
+    ("--overwrite", "let a new run replace the checkpoint of another run in --out (without it, "
+                    "such a folder is refused; the old checkpoint stays until this run's first save)",
+     dict(action="store_true")),
 ]
+# The type of each setting's value (None is also allowed where the default is None).
+SETTING_TYPES = {name.lstrip("-").replace("-", "_"): options.get("type", bool if "action" in options else str)
+                 for name, _, options in FLAGS}
 
 
 def build_parser():
@@ -178,6 +192,33 @@ def parse_settings(argv):
     given = vars(parser.parse_args(argv))
     args = {**DEFAULTS, **given}
     checks = [
+        (not args["eval_only"] or args["resume"], "--eval-only needs --resume DIR (the checkpoint to evaluate)"),
+        (args["config"] in albor.PRESETS, f"--config {args['config']!r} is not a preset; "
+                                          f"choose from {', '.join(albor.PRESETS)}"),
+        (not (args["resume"] and args["init"]), "--resume and --init exclude each other"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            parser.error(message)
+    problem = settings_problem(args)
+    if problem:
+        parser.error(problem)
+    return args, set(given)
+
+
+def settings_problem(args):
+    """The first problem with the values of a settings dict (the flags given, or the settings a
+    trainer_state.json saved), as a message naming the flag; None if there is none."""
+    for name in ("lr", "min_lr", "beta1", "beta2", "eps", "weight_decay", "grad_clip"):
+        if args[name] is not None and not math.isfinite(args[name]):
+            return f"--{name.replace('_', '-')} must be a finite number"
+    for name in PATH_SETTINGS:
+        if args[name] == "":
+            return f"--{name} is empty (leave it out for the default)"
+    for name, kind in SETTING_TYPES.items():
+        if kind is int and args[name] is not None and abs(args[name]) >= 2**63:
+            return f"--{name.replace('_', '-')} is out of range (a 64-bit int)"
+    checks = [
         (args["rows"] >= 1, "--rows must be at least 1"),
         (args["val_rows"] >= 0, "--val-rows must be 0 or more"),
         (args["seq_len"] >= 1, "--seq-len must be at least 1"),
@@ -192,32 +233,52 @@ def parse_settings(argv):
         (args["eps"] > 0, "--eps must be positive"),
         (args["weight_decay"] >= 0, "--weight-decay must be 0 or more"),
         (args["grad_clip"] >= 0, "--grad-clip must be 0 or more"),
+        (args["seed"] >= 0, "--seed must be 0 or more"),
         (args["save_every"] >= 0, "--save-every must be 0 or more"),
         (args["eval_samples"] >= 0, "--eval-samples must be 0 or more"),
-        (not args["eval_only"] or args["resume"], "--eval-only needs --resume DIR (the checkpoint to evaluate)"),
-        (args["config"] in albor.PRESETS, f"--config {args['config']!r} is not a preset; "
-                                          f"choose from {', '.join(albor.PRESETS)}"),
-        (not (args["resume"] and args["init"]), "--resume and --init exclude each other"),
+        (args["dtype"] in gpu.MATMUL_DTYPES, f"--dtype must be one of {', '.join(gpu.MATMUL_DTYPES)}"),
         (args["dtype"] == "fp32" or albor.BACKEND == "cupy",
          f"--dtype {args['dtype']} needs a GPU (albor runs on {albor.BACKEND}, which computes in fp32 only)"),
     ]
-    for ok, message in checks:
+    return next((message for ok, message in checks if not ok), None)
+
+
+def is_number(value, kind=float):
+    """Whether value is a JSON number of this kind (an int also counts as a float; a bool never)."""
+    return isinstance(value, int if kind is int else (int, float)) and not isinstance(value, bool)
+
+
+def read_trainer_state(folder):
+    """folder's trainer_state.json, checked: {"step": int >= 0, "args": the run's settings, each
+    of its flag's type, "loss_curve": [numbers], "timing": {name: number}, "provenance": {...},
+    "loss_scaler": null or {"scale": number, ...}}. A RunError names the file and the field."""
+    path = os.path.join(folder, TRAINER_STATE)
+    state = checkpoint.read_json(path, "the saved run's state")
+
+    def require(ok, what):
         if not ok:
-            parser.error(message)
-    for name in ("lr", "min_lr", "beta1", "beta2", "eps", "weight_decay", "grad_clip"):
-        if args[name] is not None and not math.isfinite(args[name]):
-            parser.error(f"--{name.replace('_', '-')} must be a finite number")
-    return args, set(given)
+            raise RunError(f"{path}: {what}")
 
-
-def read_json(path, what):
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except FileNotFoundError:
-        raise RunError(f"{path}: file not found ({what})") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise RunError(f"{path}: cannot read {what}: {e}") from None
+    require(isinstance(state, dict), f"expected a JSON object, got {type(state).__name__}")
+    step = state.get("step")
+    require(is_number(step, int) and step >= 0, f"step must be an int >= 0, got {step!r}"[:200])
+    require(isinstance(state.get("args"), dict), "args must be an object of the run's settings")
+    for name, value in state["args"].items():
+        kind = SETTING_TYPES.get(name)
+        ok = kind is None or (value is None and DEFAULTS[name] is None) or (
+            is_number(value, kind) if kind in (int, float) else isinstance(value, kind))
+        require(ok, f"args.{name} must be {'an int' if kind is int else f'a {kind.__name__}'}, "
+                    f"got {value!r}"[:200])
+    curve, timing = state.get("loss_curve", []), state.get("timing", {})
+    require(isinstance(curve, list) and all(map(is_number, curve)), "loss_curve must be a list of numbers")
+    require(isinstance(timing, dict) and all(v is None or is_number(v) for v in timing.values()),
+            "timing must map names to numbers")
+    require(isinstance(state.get("provenance", {}), dict), "provenance must be an object")
+    scaler = state.get("loss_scaler")
+    require(scaler is None or (isinstance(scaler, dict) and is_number(scaler.get("scale")) and
+                               all(is_number(scaler.get(key), int) for key in ("good_steps", "skipped"))),
+            "loss_scaler must be null or an object of scale, good_steps and skipped")
+    return state
 
 
 def merge_resumed_settings(args, given):
@@ -226,24 +287,25 @@ def merge_resumed_settings(args, given):
     Flags that decide which rows a step reads (DATA_SETTINGS) cannot change: that
     would not be the same run any more (start a new one from the weights with --init).
     """
-    state = read_json(os.path.join(args["resume"], TRAINER_STATE), "the saved run's state")
-    saved = state.get("args")
-    if not isinstance(saved, dict) or "step" not in state:
-        raise RunError(f"{os.path.join(args['resume'], TRAINER_STATE)}: not a trainer state (no args/step)")
+    state = read_trainer_state(args["resume"])
+    saved = state["args"]
     for name in DATA_SETTINGS:
         if name in given and args[name] != saved.get(name):
             raise RunError(f"--{name.replace('_', '-')} {args[name]} differs from the resumed run's "
                            f"{saved.get(name)}: --resume continues that run on its data "
                            "(use --init to train these weights on other data)")
-    merged = {**DEFAULTS, **saved}
+    merged = {**DEFAULTS, **{name: value for name, value in saved.items() if name in DEFAULTS}}
     for name in given:
         if name not in DATA_SETTINGS and merged.get(name) != args[name]:
-            if name not in ("resume", "out", "config", "tokenizer", "eval_only") and name in saved:
+            if name not in THIS_COMMAND_ONLY + ("config",) and name in saved:
                 print(f"note: --{name.replace('_', '-')} {args[name]} (the saved run had {saved[name]})")
             merged[name] = args[name]
-    merged["resume"] = args["resume"]
-    merged["init"] = None
+    for name in THIS_COMMAND_ONLY:   # e.g. the saved run's --tokenizer file may have moved since: the
+        merged[name] = args[name]    # checkpoint's own tokenizer.json is used unless one is given now
     merged["out"] = args["out"] if "out" in given else args["resume"]
+    problem = settings_problem(merged)
+    if problem:
+        raise RunError(f"{os.path.join(args['resume'], TRAINER_STATE)}: the saved settings: {problem}")
     return merged, state
 
 
@@ -301,23 +363,16 @@ class Corpus:
         self.description = str(path)
         if path.is_dir():
             self.items = sorted(p for p in path.rglob("*") if p.is_file())
+        elif not path.exists():
+            raise RunError(f"--data {data}: no such file or folder")
         elif path.suffix == ".jsonl":
-            self.items = []
-            for line in self._read_text(path).splitlines():
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                    self.items.append(record["text"] if isinstance(record["text"], str) else None)
-                except (json.JSONDecodeError, KeyError, TypeError):
-                    self.items.append(None)
+            lines = self._read_text(path).splitlines()
+            self.items = [self._jsonl_text(line) for line in lines if line.strip()]
         elif path.suffix == ".txt":
             text = self._read_text(path)
             self.items = [block for block in text.replace("\r\n", "\n").split("\n\n") if block.strip()]
-        elif path.exists():
-            raise RunError(f"--data {data}: expected a folder, a .txt or a .jsonl file")
         else:
-            raise RunError(f"--data {data}: no such file or folder")
+            raise RunError(f"--data {data}: expected a folder, a .txt or a .jsonl file")
 
     @staticmethod
     def _read_text(path):
@@ -325,6 +380,17 @@ class Corpus:
             return path.read_bytes().decode("utf-8")
         except (OSError, UnicodeDecodeError) as e:
             raise RunError(f"--data {path}: cannot read it as UTF-8 text ({type(e).__name__})") from None
+
+    @staticmethod
+    def _jsonl_text(line):
+        """The "text" of a .jsonl line, or None if it has none that is Unicode text: JSON can
+        spell a lone surrogate ("\\ud800"), which no UTF-8 text holds."""
+        try:
+            text = json.loads(line)["text"]
+            text.encode("utf-8")
+            return text
+        except (ValueError, KeyError, TypeError, AttributeError, RecursionError):  # ValueError: also
+            return None                                    # not JSON, and UnicodeEncodeError
 
     def read(self, index):
         """Document `index` as a str, or None if it cannot be used (counted in self.skipped)."""
@@ -384,19 +450,11 @@ def encode_row(tok, text, seq_len):
     """A document as one row of seq_len + 1 ids: its first tokens, <|endoftext|>, then padding.
 
     Example (seq_len 7, "x = 1\\n" as 4 tokens a b c d): [a, b, c, d, EOT, PAD, PAD, PAD].
-    Only the first seq_len + 1 tokens are kept, so only a prefix of a long document
-    is encoded (cut at a line end far beyond them: encoding splits text into pieces
-    that are encoded independently, so the kept tokens are the same).
+    Only the first seq_len + 1 tokens are kept, so only as much of a document as they need is
+    encoded (Tokenizer.encode's max_tokens): a row of a 50 MB file reads its first kilobytes.
     """
     n = seq_len + 1
-    prefix = text
-    if len(text) > PREFIX_CHARS_PER_TOKEN * n:
-        line_end = text.rfind("\n", 0, PREFIX_CHARS_PER_TOKEN * n)
-        prefix = text[:line_end + 1] if line_end > 0 else text[:PREFIX_CHARS_PER_TOKEN * n]
-    ids = tok.encode(prefix)
-    if len(ids) < n and len(prefix) < len(text):
-        ids = tok.encode(text)                     # the prefix was not enough: the whole document
-    ids = (ids + [EOT_ID])[:n]
+    ids = (tok.encode(text, max_tokens=n) + [EOT_ID])[:n]
     return ids + [PAD_ID] * (n - len(ids))
 
 
@@ -467,15 +525,19 @@ def get_tokenizer(args, config, corpus, source_folder):
             path.parent.mkdir(parents=True, exist_ok=True)
             checkpoint.atomic_write_bytes(path, tokenizer_bytes(tok))
             origin = f"{path} (trained in {time.perf_counter() - started:.1f} s)"
-    try:
-        data = path.read_bytes()
-    except OSError as e:
-        raise RunError(f"{path}: cannot read the tokenizer ({e.strerror})") from None
+    data = read_bytes(path, "the tokenizer")
     try:
         tok = Tokenizer.load(path, max_vocab_size=config.vocab_size)
     except ValueError as e:
         raise RunError(str(e).splitlines()[0]) from None
     return tok, data, origin
+
+
+def read_bytes(path, what):
+    try:
+        return Path(path).read_bytes()
+    except OSError as e:
+        raise RunError(f"{path}: cannot read {what} ({e.strerror or e})") from None
 
 
 def tokenizer_bytes(tok):
@@ -561,11 +623,10 @@ def apply_update(optimizer, params, grads, lr, grad_clip, scaler, step):
     return grad_norm, stepped
 
 
-def evaluate(params, config, inputs, targets, batch_size, workers=None, group=distributed.SINGLE):
+def evaluate(params, config, inputs, targets, batch_size, workers=None):
     """Mean loss over all non-pad target tokens of (inputs, targets), or None for no rows.
     Each batch's rows are shared out over `workers` (a cpu.DataParallel; by default one
-    per core when BLAS is single-threaded, see cpu.cpu_workers), and with MPI over the ranks
-    (every rank of `group` takes part)."""
+    per core when BLAS is single-threaded, see cpu.cpu_workers)."""
     workers = workers or cpu.DataParallel(cpu.cpu_workers())
     loss_sums, count = [], 0
     for start in range(0, len(inputs), batch_size):
@@ -576,7 +637,7 @@ def evaluate(params, config, inputs, targets, batch_size, workers=None, group=di
             continue
         loss_sums.append(workers.loss_sum(params, config, idx, tgt))
         count += n_valid
-    return sum(group.sum_floats(loss_sums)) / count if count else None
+    return sum(loss_sums) / count if count else None
 
 
 def perplexity(loss):
@@ -599,15 +660,22 @@ def parse_eval(params, config, tok, val_texts, args):
 #   args, config, config_name, out, state (the resumed run's trainer_state, or None),
 #   corpus, tok, tok_data, tok_origin, val_texts, train_inputs/targets, val_inputs/targets,
 #   max_steps, warmup, min_lr, steps_per_pass, tokens_per_step, provenance,
-#   params, optimizer, scaler, workers, start_step, loss_curve, timing, last_saved.
+#   params, optimizer, scaler, workers, start_step, loss_curve, timing, resumed_here (--out is the
+#   --resume folder), last_saved (the step of this run's checkpoint in --out), stop (a StopRequest).
 
 
-def setup(args, given, group=distributed.SINGLE):
-    """Everything the loop needs, from the settings: model shape, data, tokenizer, weights.
-    group: the processes training together (distributed.py; one process by default)."""
-    run = SimpleNamespace(args=args, state=None, group=group)
+def setup(args, given, held, group=distributed.SINGLE):
+    """Everything the loop needs, from the settings: the run folder, model shape, data, tokenizer,
+    weights. held (a contextlib.ExitStack) keeps the folders' locks until the run ends. group: the
+    processes training together (distributed.py; one process by default); with MPI, rank 0 alone
+    locks and claims the folders."""
+    run = SimpleNamespace(args=args, state=None, last_saved=None, group=group)
     source_folder = args["resume"] or args["init"]
     if args["resume"]:
+        if not os.path.isdir(args["resume"]):
+            raise RunError(f"--resume {args['resume']}: no such folder")
+        if group.is_root:   # locked: no other run saves into it meanwhile; a save a kill cut short
+            held.enter_context(checkpoint.lock(args["resume"]))   # is finished first
         run.args, run.state = merge_resumed_settings(args, given)
     if run.args["batch_size"] < group.size:
         raise RunError(f"--batch-size {run.args['batch_size']} is smaller than the {group.size} ranks: each "
@@ -618,12 +686,36 @@ def setup(args, given, group=distributed.SINGLE):
     if run.args["out"] is None:
         run.args["out"] = os.path.join("checkpoints", run.config_name)
     run.out = run.args["out"]
+    claim_folder(run, held)
     if run.args["seq_len"] > run.config.max_position_embeddings:
         raise RunError(f"--seq-len {run.args['seq_len']} exceeds the model's max_position_embeddings "
                        f"{run.config.max_position_embeddings}")
     load_data(run, source_folder)
     load_weights(run)
     return run
+
+
+def claim_folder(run, held):
+    """Make the run folder (--out) this run's: create it, lock it until the run ends (a second
+    run on it stops with an error), and refuse it if it holds another run's checkpoint, unless
+    --overwrite. Nothing in it is changed here. With MPI, rank 0 alone does this."""
+    out, resume = run.out, run.args["resume"]
+    if not run.group.is_root:   # (rank 0 has claimed it already: it sets up first)
+        run.resumed_here = bool(resume) and os.path.isdir(out) and os.path.samefile(out, resume)
+        return
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise RunError(f"--out {out} is a file, not a folder")
+    try:
+        os.makedirs(out, exist_ok=True)
+    except OSError as e:
+        raise RunError(f"--out {out}: cannot create the folder ({e.strerror or e})") from None
+    run.resumed_here = bool(resume) and os.path.samefile(out, resume)
+    if run.resumed_here:
+        return   # locked already
+    held.enter_context(checkpoint.lock(out))
+    if checkpoint.holds_checkpoint(out) and not run.args["overwrite"]:
+        raise RunError(f"{out} holds the checkpoint of another run: continue it with --resume {out}, "
+                       "choose another --out, or pass --overwrite to replace it")
 
 
 def model_config(args, given, source_folder):
@@ -644,7 +736,7 @@ def load_data(run, source_folder):
     run.corpus = Corpus(args["data"])
     run.tok, run.tok_data, run.tok_origin = get_tokenizer(args, config, run.corpus, source_folder)
     if args["resume"] and args["tokenizer"]:
-        saved_tok = (Path(args["resume"]) / TOKENIZER_FILE).read_bytes()
+        saved_tok = read_bytes(Path(args["resume"]) / TOKENIZER_FILE, "the resumed run's tokenizer")
         if sha256_hex(saved_tok) != sha256_hex(run.tok_data):
             raise RunError(f"--tokenizer {args['tokenizer']} is not the tokenizer of the resumed run "
                            f"({os.path.join(args['resume'], TOKENIZER_FILE)})")
@@ -686,7 +778,7 @@ def load_weights(run):
         run.optimizer.beta1, run.optimizer.beta2 = args["beta1"], args["beta2"]
         run.optimizer.eps, run.optimizer.weight_decay = args["eps"], args["weight_decay"]
         run.loss_curve = list(state.get("loss_curve", []))[:run.start_step]
-        run.timing = dict(state.get("timing", {}))
+        run.timing = {key: value for key, value in state.get("timing", {}).items() if value is not None}
     else:
         if args["init"]:
             _, run.params, _ = checkpoint.load_checkpoint(args["init"])
@@ -694,6 +786,7 @@ def load_weights(run):
             run.params = albor.init_params(run.config, seed=args["seed"])
         run.optimizer = cpu.FastAdamW(run.params, betas=(args["beta1"], args["beta2"]), eps=args["eps"],
                                       weight_decay=args["weight_decay"])
+    run.last_saved = run.start_step if run.resumed_here else None   # the checkpoint in --out
     gpu.configure(matmul_dtype=args["dtype"])   # fp32 unless --dtype (GPU only)
     run.scaler = gpu.LossScaler() if args["dtype"] == "fp16" else None
     if run.scaler and state and state.get("loss_scaler"):
@@ -743,35 +836,72 @@ def print_setup(run):
 def start_metrics_log(run):
     """metrics.jsonl in the run folder: the resumed run's lines up to its step, then ours
     (rank 0 writes it)."""
-    same_folder = run.args["resume"] and os.path.abspath(run.out) == os.path.abspath(run.args["resume"])
-    run.last_saved = run.start_step if same_folder else None
     if not run.group.is_root:
         return
-    os.makedirs(run.out, exist_ok=True)
-    old_lines = []
-    resumed = os.path.join(run.args["resume"] or "", METRICS)
-    if run.args["resume"] and os.path.exists(resumed):
-        with open(resumed, encoding="utf-8") as f:
-            for line in f:
-                try:
-                    if json.loads(line)["step"] <= run.start_step:
-                        old_lines.append(line if line.endswith("\n") else line + "\n")
-                except (json.JSONDecodeError, KeyError, TypeError):
-                    pass   # a line cut by a crash
-    checkpoint.atomic_write_bytes(os.path.join(run.out, METRICS), "".join(old_lines).encode("utf-8"))
+    old_lines = read_metrics(run.args["resume"], run.start_step) if run.args["resume"] else []
+    path = os.path.join(run.out, METRICS)
+    if os.path.isdir(path):
+        raise RunError(f"{path}: a folder is in the place of the metrics file")
+    try:
+        checkpoint.atomic_write_bytes(path, "".join(old_lines).encode("utf-8"))
+    except OSError as e:
+        raise RunError(f"{path}: cannot write it ({e.strerror or e})") from None
 
 
-def save(run, step, val_loss=None, finished=False, parse=None):
-    """Write the checkpoint (atomically) for the state after `step` optimizer steps. Rank 0
-    writes it; the other ranks (which hold the same state) only note that it is there."""
+def read_metrics(folder, up_to_step):
+    """The lines of folder's metrics.jsonl (if it has one) for steps up to up_to_step, checked:
+    each a JSON object with an int "step". A last line without its newline (a kill cut it) is
+    dropped."""
+    path = os.path.join(folder, METRICS)
+    if not os.path.exists(path):
+        return []
+    try:
+        lines = read_bytes(path, "the metrics").decode("utf-8").splitlines(keepends=True)
+    except UnicodeDecodeError as e:
+        raise RunError(f"{path}: not UTF-8 text (byte {e.start})") from None
+    if lines and not lines[-1].endswith("\n"):
+        lines.pop()
+    kept = []
+    for number, line in enumerate(lines, 1):
+        try:
+            record = json.loads(line)
+        except (ValueError, RecursionError):
+            record = None
+        if not (isinstance(record, dict) and is_number(record.get("step"), int)):
+            raise RunError(f"{path}: line {number} is not a JSON object with an int \"step\"")
+        if record["step"] <= up_to_step:
+            kept.append(line)
+    return kept
+
+
+def save(run, step, finished=False):
+    """Commit the checkpoint of the state after `step` optimizer steps: all its files as one unit
+    (checkpoint.commit_files). A stop signal meanwhile waits until it is committed. Rank 0 saves;
+    the other ranks (which hold the same state) only note that it is there."""
     if not run.group.is_root:
         run.last_saved = step
         return
     save_start = time.perf_counter()
-    curve, timing = run.loss_curve, run.timing
-    trainer_state = {"step": step, "args": run.args, "loss_curve": curve, "timing": timing,
+    trainer_state = {"step": step, "args": run.args, "loss_curve": run.loss_curve, "timing": run.timing,
                      "provenance": run.provenance,
                      "loss_scaler": run.scaler.state() if run.scaler else None}
+    extra = {TOKENIZER_FILE: run.tok_data,
+             TRAINER_STATE: (json.dumps(trainer_state, indent=1) + "\n").encode(),
+             **summary_files(run, step, finished)}
+    with run.stop.saving():
+        try:
+            checkpoint.save_checkpoint(run.out, run.config, run.params, run.optimizer, step=step,
+                                       extra_files=extra)
+        except checkpoint.CheckpointError as e:   # e.g. the disk is full
+            raise RunError(f"{e}; {kept(run)}") from None
+        run.last_saved = step
+    run.timing["save_seconds"] = run.timing.get("save_seconds", 0.0) + time.perf_counter() - save_start
+
+
+def summary_files(run, step, finished, val_loss=None, parse=None):
+    """The files that sum the run up ({name: bytes}): final_model.json. Each save writes them with
+    the checkpoint; the end of the run commits them again with the evaluation's results."""
+    curve = run.loss_curve
     final_model = {
         "config": run.config_name, "finished": finished, "steps": step, "max_steps": run.max_steps,
         "warmup": run.warmup, "lr": run.args["lr"], "min_lr": run.min_lr,
@@ -780,42 +910,99 @@ def save(run, step, val_loss=None, finished=False, parse=None):
         "val_loss": val_loss, "val_perplexity": perplexity(val_loss),
         "parse_rate": parse["parse_rate"] if parse else None, "parse_eval": parse,
         "loss_curve": curve, "tokens": step * run.tokens_per_step,
-        "timing": timing, "provenance": run.provenance, "args": run.args,
+        "timing": run.timing, "provenance": run.provenance, "args": run.args,
     }
-    extra = {TOKENIZER_FILE: run.tok_data,
-             TRAINER_STATE: (json.dumps(trainer_state, indent=1) + "\n").encode(),
-             FINAL_MODEL: (json.dumps(final_model, indent=1) + "\n").encode()}
-    checkpoint.save_checkpoint(run.out, run.config, run.params, run.optimizer, step=step,
-                               extra_files=extra)
-    run.last_saved = step
-    timing["save_seconds"] = timing.get("save_seconds", 0.0) + time.perf_counter() - save_start
+    return {FINAL_MODEL: (json.dumps(final_model, indent=1) + "\n").encode()}
+
+
+def kept(run, what="checkpoint"):
+    """What is on disk after a stop or an error, as the end of a message."""
+    if run is None or run.last_saved is None:
+        return "no checkpoint of this run was saved"
+    return f"the last {what} (step {run.last_saved}) is in {run.out}"
 
 
 class StopRequest:
-    """Ctrl-C: the first one lets the current step finish, then the run saves a
-    resumable checkpoint and exits; a second one quits at once (the last saved
-    checkpoint stays as it was: saves are atomic)."""
+    """What a stop signal does: Ctrl-C (SIGINT), SIGTERM (kill, timeout, docker stop, a SLURM
+    preemption) and SIGHUP (the terminal closed) all ask the run to stop, the same way.
+
+    While training (at_once False) the first signal lets the current step finish; the run then
+    commits a checkpoint that --resume continues exactly, and exits. Before training (nothing to
+    save yet) and during the end-of-run evaluation (its checkpoint is committed already) a signal
+    stops at once: KeyboardInterrupt. A second signal quits at once too, except during a save:
+    that is finished first (seconds), so the newest checkpoint written is the one kept.
+    A signal that was ignored when the run started (nohup ignores SIGHUP) stays ignored.
+    """
+    SIGNALS = ("SIGINT", "SIGTERM", "SIGHUP")
 
     def __init__(self):
-        self.requested = False
+        self.requested = None       # the first signal's name
+        self.at_once = True
+        self.in_save = False
+        self.quit_after_save = False
+        self.previous = {}
 
     def __call__(self, signum, frame):
-        if self.requested:
+        name = signal.Signals(signum).name
+        if name == "SIGHUP":
+            self.silence_lost_terminal()
+        if self.requested is None and not self.at_once:
+            self.requested = name
+            self.say(f"{name}: stopping after this step and saving a checkpoint (again: quit at once)")
+            return
+        self.requested = self.requested or name
+        if self.in_save:
+            self.quit_after_save = True
+            self.say(f"{name}: quitting once the checkpoint being saved is committed")
+            return
+        raise KeyboardInterrupt
+
+    @contextlib.contextmanager
+    def saving(self):
+        """A save runs in this block: a stop signal waits until it has ended."""
+        self.in_save = True
+        try:
+            yield
+        finally:
+            self.in_save = False
+        if self.quit_after_save:
             raise KeyboardInterrupt
-        self.requested = True
-        tqdm.write("Ctrl-C: stopping after this step and saving a checkpoint "
-                   "(press Ctrl-C again to quit without saving)")
+
+    def __enter__(self):
+        """Install the handler (in the main thread only: Python runs handlers there)."""
+        if threading.current_thread() is threading.main_thread():
+            self.terminals = [fd for fd in (1, 2) if os.isatty(fd)]
+            for name in self.SIGNALS:
+                signum = getattr(signal, name, None)   # Windows has no SIGHUP
+                if signum is not None and signal.getsignal(signum) is not signal.SIG_IGN:
+                    self.previous[signum] = signal.signal(signum, self)
+        return self
+
+    def __exit__(self, *exc):
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
+
+    def silence_lost_terminal(self):
+        """After a hang-up the terminal is gone and writing to it fails: send what was going
+        there to /dev/null instead (a terminal that is still there stays)."""
+        for fd in getattr(self, "terminals", []):
+            if not os.isatty(fd):
+                devnull = os.open(os.devnull, os.O_WRONLY)
+                os.dup2(devnull, fd)
+                os.close(devnull)
+
+    @staticmethod
+    def say(message):
+        with contextlib.suppress(OSError):
+            tqdm.write(message)
 
 
 def train_loop(run):
-    """Steps from run.start_step until max_steps or a Ctrl-C; returns (last step, stopped)."""
+    """Steps from run.start_step until max_steps or a stop signal; returns the last step."""
     for key in ("train_seconds", "forward_seconds", "backward_seconds", "optimizer_seconds",
                 "attention_seconds", "other_layers_seconds", "data_seconds"):
         run.timing.setdefault(key, 0.0)
     run.timing["data_seconds"] += run.data_seconds
-    stop = StopRequest()
-    in_main_thread = threading.current_thread() is threading.main_thread()
-    previous_handler = signal.signal(signal.SIGINT, stop) if in_main_thread else None
     # a layer clock on the CPU only: on a GPU it would have to wait for every layer
     layer_clock = cpu.LayerClock() if albor.BACKEND == "numpy" else None
     step, stopping = run.start_step, False
@@ -833,20 +1020,14 @@ def train_loop(run):
                                 tok_s=f"{run.tokens_per_step / record['seconds']:.0f}")
                 if run.args["save_every"] and step % run.args["save_every"] == 0 and step < run.max_steps:
                     save(run, step)
-                stopping = run.group.any(stop.requested)   # a Ctrl-C on any rank stops every rank
+                stopping = run.group.any(run.stop.requested)   # a stop signal on any rank stops them all
     except Diverged as e:
-        kept = (f"the last good checkpoint (step {run.last_saved}) stays in {run.out}"
-                if run.last_saved is not None else f"no checkpoint of this run was saved ({run.out} is left as it was)")
-        raise RunError(f"{e}; stopping: {kept}") from None
-    except KeyboardInterrupt:
-        kept = (f"the last checkpoint (step {run.last_saved}) stays in {run.out}"
-                if run.last_saved is not None else "nothing was saved")
-        raise SystemExit(f"train.py: interrupted; {kept}") from None
+        raise RunError(f"{e}; stopping: {kept(run, 'good checkpoint')}") from None
     finally:
         bar.close()
-        if in_main_thread:
-            signal.signal(signal.SIGINT, previous_handler)
-    return step, stopping and step < run.max_steps
+    if stopping and not run.stop.requested:
+        run.stop.requested = "a stop signal on another rank"
+    return step
 
 
 def one_step(run, step, layer_clock):
@@ -881,41 +1062,63 @@ def one_step(run, step, layer_clock):
 
 
 def finish(run, step, wall_start):
-    """After the last step: validation loss, parse rate, the checkpoint, the summary."""
+    """After the loop: the checkpoint first, so that nothing after it can lose the run; then,
+    unless a stop signal came, the validation loss, the parse rate and the summary, committed
+    into final_model.json beside it."""
+    finished = step >= run.max_steps
+    if run.last_saved != step:
+        save(run, step, finished=finished)
+    if run.stop.requested:
+        then = (f"Evaluate it with: python train.py --eval-only --resume {run.out}" if finished
+                else f"Continue with: python train.py --resume {run.out}")
+        print(f"stopped at step {step} of {run.max_steps} ({run.stop.requested}); the checkpoint of "
+              f"step {step} is saved in {run.out}. {then}")
+        return
+    run.stop.at_once = True   # the checkpoint is committed: a stop signal ends the evaluation at once
+    try:
+        val_loss, parse = end_of_run_evaluation(run, step, wall_start)
+    except KeyboardInterrupt:
+        print(f"evaluation stopped ({run.stop.requested}); the checkpoint of step {step} is saved in "
+              f"{run.out}, without the validation loss and parse rate "
+              f"(python train.py --eval-only --resume {run.out} measures them)")
+        return
+    with run.stop.saving():
+        checkpoint.commit_files(run.out, summary_files(run, step, finished, val_loss, parse))
+    print_summary(run.config_name, step, run.tokens_per_step, run.loss_curve, val_loss,
+                  len(run.val_inputs), run.timing, run.out, parse)
+
+
+def end_of_run_evaluation(run, step, wall_start):
+    """(validation loss, parse rate) of the trained weights; the run's timing completed."""
     timing = run.timing
     eval_start = time.perf_counter()
     val_loss = evaluate(run.params, run.config, run.val_inputs, run.val_targets,
-                        run.args["batch_size"], run.workers, run.group)
-    if not run.group.is_root:
-        return   # rank 0 samples, saves and reports
+                        run.args["batch_size"], run.workers)
     parse = parse_eval(run.params, run.config, run.tok, run.val_texts, run.args)
     timing["eval_seconds"] = timing.get("eval_seconds", 0.0) + time.perf_counter() - eval_start
     timing["wall_seconds"] = timing.get("wall_seconds", 0.0) + time.perf_counter() - wall_start
     train_seconds = timing["train_seconds"]
     timing["tokens_per_second"] = step * run.tokens_per_step / train_seconds if train_seconds else None
     split_time(timing)
-    save(run, step, val_loss=val_loss, finished=True, parse=parse)
-    print_summary(run.config_name, step, run.tokens_per_step, run.loss_curve, val_loss,
-                  len(run.val_inputs), timing, run.out, parse)
+    return val_loss, parse
 
 
 def evaluate_only(run):
     """--eval-only: validation loss, perplexity and parse rate of the --resume checkpoint, printed
-    and written into final_model.json (in --out, by default the checkpoint's folder)."""
+    and committed into final_model.json (in --out, by default the checkpoint's folder)."""
     args = run.args
     start = time.perf_counter()
-    val_loss = evaluate(run.params, run.config, run.val_inputs, run.val_targets, args["batch_size"],
-                        run.workers, run.group)
-    if not run.group.is_root:
-        return 0   # rank 0 samples, writes and reports
-    parse = parse_eval(run.params, run.config, run.tok, run.val_texts, args)
     source = os.path.join(args["resume"], FINAL_MODEL)
-    final_model = read_json(source, "the run's summary") if os.path.exists(source) else {}
+    final_model = checkpoint.read_json(source, "the run's summary") if os.path.exists(source) else {}
+    if not isinstance(final_model, dict):
+        raise RunError(f"{source}: expected a JSON object, got {type(final_model).__name__}")
+    val_loss = evaluate(run.params, run.config, run.val_inputs, run.val_targets, args["batch_size"],
+                        run.workers)
+    parse = parse_eval(run.params, run.config, run.tok, run.val_texts, args)
     final_model.update(val_loss=val_loss, val_perplexity=perplexity(val_loss),
                        parse_rate=parse["parse_rate"], parse_eval=parse)
-    os.makedirs(args["out"], exist_ok=True)
-    checkpoint.atomic_write_bytes(os.path.join(args["out"], FINAL_MODEL),
-                                  (json.dumps(final_model, indent=1) + "\n").encode())
+    with run.stop.saving():
+        checkpoint.commit_files(args["out"], {FINAL_MODEL: (json.dumps(final_model, indent=1) + "\n").encode()})
     print_losses(None, val_loss, len(run.val_inputs))
     print(sample.describe_parse_rate(parse))
     print(f"evaluated in {time.perf_counter() - start:.1f} s; written to {os.path.join(args['out'], FINAL_MODEL)}")
@@ -967,13 +1170,24 @@ def main(argv=None):
         group = distributed.start()   # one process; or, under mpiexec, this rank's place among them
     except distributed.LaunchError as e:
         raise SystemExit(f"train.py: error: {e}") from None
-    with group.stop_all_on_failure():   # with MPI: an error on any rank ends every rank
+    with warnings.catch_warnings(), group.stop_all_on_failure():   # MPI: an error on a rank ends all
+        # A diverging step overflows before its loss or gradient norm turns inf or NaN, which the
+        # run reports itself in one line (Diverged): NumPy's warnings would only come first.
+        warnings.filterwarnings("ignore", r"(overflow|invalid value|divide by zero) encountered",
+                                RuntimeWarning)
         try:
             return execute(argv, group)
         except (RunError, checkpoint.CheckpointError) as e:
             raise SystemExit(f"train.py: error: {e}") from None
-        except KeyboardInterrupt:   # Ctrl-C before the training loop (which handles its own)
-            raise SystemExit("train.py: interrupted before training started; nothing was saved") from None
+
+
+def rank_zero_alone(run):
+    """With MPI, after the training loop the other ranks are done: rank 0 alone goes on (the
+    final save, the evaluation, the summary; --eval-only) with worker threads on all its cores.
+    Returns whether this process goes on."""
+    if run.group.is_root and run.group.size > 1:
+        run.workers = cpu.DataParallel(cpu.cpu_workers())
+    return run.group.is_root
 
 
 def execute(argv, group=distributed.SINGLE):
@@ -981,20 +1195,23 @@ def execute(argv, group=distributed.SINGLE):
     wall_start = time.perf_counter()
     args, given = parse_settings(argv)
     cpu.keep_freed_memory()  # the CPU step's temporaries are reused, not page-faulted in anew
-    with group.root_first():   # with MPI, rank 0 first: a tokenizer is trained (and cached) once
-        run = setup(args, given, group)
-    check_ranks_agree(run)
-    print_setup(run)
-    if run.args["eval_only"]:
-        return evaluate_only(run)
-    start_metrics_log(run)
-    step, stopped = train_loop(run)
-    if stopped:
-        save(run, step)
-        print(f"stopped at step {step} of {run.max_steps}; saved a checkpoint in {run.out}. "
-              f"Continue with: python train.py --resume {run.out}")
-        return 0
-    finish(run, step, wall_start)
+    run = None
+    with contextlib.ExitStack() as held, StopRequest() as stop:   # held: the run folders' locks
+        try:
+            with group.root_first():   # with MPI, rank 0 first: it claims the folder, trains a tokenizer
+                run = setup(args, given, held, group)
+            check_ranks_agree(run)
+            run.stop = stop
+            print_setup(run)
+            if run.args["eval_only"]:
+                return evaluate_only(run) if rank_zero_alone(run) else 0
+            start_metrics_log(run)
+            stop.at_once = False   # from here a stop signal lets the step finish, then saves
+            step = train_loop(run)
+            if rank_zero_alone(run):
+                finish(run, step, wall_start)
+        except KeyboardInterrupt:   # a stop signal before training, in the evaluation, or a second one
+            raise SystemExit(f"train.py: interrupted; {kept(run)}") from None
     return 0
 
 
