@@ -6,6 +6,7 @@
     python bench.py --attention --batch-sizes 4 8 --seq-lens 512 1024
     python bench.py --train-steps 31                  # the training of `train.py --rows 500`
     python bench.py --tokenizer                       # tokenizer.py beside Hugging Face tokenizers
+    python bench.py --ranks 2                         # train.py over 2 MPI ranks vs one process
 
 What it measures, in order:
 1. The machine's float32 GEMM rate, with albor's own array library (NumPy on a CPU,
@@ -33,7 +34,10 @@ settings and learning-rate schedule, taking turns step by step; total seconds an
 the ratio. With --attention, only this instead: causal GQA attention forward + backward with the
 preset's heads, over batch sizes x sequence lengths, through albor's reference code
 (ALBOR_KERNELS=0's path), its kernels.cu (on a GPU) and PyTorch's
-scaled_dot_product_attention (if installed); the paths' results must agree first.
+scaled_dot_product_attention (if installed); the paths' results must agree first. With
+--ranks N, only this instead: train.py itself on the same cores, as `mpiexec -n N` (the cores
+shared out over the ranks' worker threads) and as one process (a worker thread per core),
+taking turns; seconds per step from each run's metrics.jsonl.
 
 As train.py, bench.py sets OPENBLAS_NUM_THREADS=1 before NumPy loads (unless it is
 set already): on a CPU cpu.DataParallel's worker threads, one per core, share out
@@ -43,10 +47,12 @@ MFU is measured against the faster of the two.
 """
 import argparse
 import collections
+import json
 import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 if "numpy" not in sys.modules:  # as train.py: single-threaded BLAS, the cores go to
@@ -56,6 +62,7 @@ from tqdm import tqdm  # noqa: E402
 
 import albor  # noqa: E402
 import cpu  # noqa: E402
+import distributed  # noqa: E402
 import gpu  # noqa: E402
 
 WARMUP_STEPS = 1       # the first step allocates buffers and warms caches; not timed
@@ -723,6 +730,58 @@ def tokenizer_benchmark(lines, vocab_size):
 
 
 # ----------------------------------------------------------------------------
+# 8. MPI ranks against the worker threads (--ranks N): train.py itself, both ways
+
+def ranks_benchmark(config_name, ranks, B, T, grad_accum, steps):
+    """`python train.py` and `mpiexec -n ranks python train.py` on the same cores and the same
+    rows, taking turns (one process, MPI, MPI, one process: a drift of the machine's speed hits
+    both alike); the median seconds per step (each run's first step, which warms up, left out),
+    whether the two wrote the same model bytes, and the load average before and after."""
+    mpiexec = distributed.find_mpiexec()
+    try:
+        import mpi4py  # noqa: F401
+    except ImportError:
+        mpiexec = None
+    if mpiexec is None:
+        raise SystemExit("bench.py --ranks needs mpi4py and an mpiexec: pip install -r requirements-mpi.txt")
+    root = os.path.dirname(os.path.abspath(__file__))
+    argv = [os.path.join(root, "train.py"), "--config", config_name, "--rows", str(steps * B * grad_accum),
+            "--batch-size", str(B), "--seq-len", str(T), "--grad-accum", str(grad_accum),
+            "--max-steps", str(steps), "--val-rows", "0", "--eval-samples", "0"]
+    layouts = {"one process": [sys.executable],
+               f"mpiexec -n {ranks}": [mpiexec, "-n", str(ranks), sys.executable]}
+    names = list(layouts)
+    print(f"train.py on {cpu_count()} CPUs, {config_name}, {steps} steps of {grad_accum} x {B} x {T} tokens "
+          f"per run: {' and '.join(names)}, taking turns (load average before: "
+          f"{' '.join(f'{x:.2f}' for x in os.getloadavg())})")
+    seconds = {name: [] for name in names}
+    setups, weights = {}, {}
+    with tempfile.TemporaryDirectory() as folder:
+        for turn, name in enumerate(names + names[::-1]):
+            out = os.path.join(folder, f"run{turn}")
+            result = subprocess.run(layouts[name] + argv + ["--out", out], cwd=root, capture_output=True,
+                                    text=True)
+            if result.returncode != 0:
+                raise SystemExit(f"{name} python train.py failed:\n{result.stdout}{result.stderr}")
+            with open(os.path.join(out, "metrics.jsonl"), encoding="utf-8") as f:
+                seconds[name] += [json.loads(line)["seconds"] for line in f][1:]
+            setups[name] = next(line for line in result.stdout.splitlines() if " parameters on " in line)
+            with open(os.path.join(out, "model.safetensors"), "rb") as f:
+                weights.setdefault(name, f.read())
+    tokens = B * grad_accum * T
+    for name in names:
+        median = statistics.median(seconds[name]) if seconds[name] else float("nan")
+        print(f"  {name:<14} {median:8.3f} s a step {tokens / median:>8.0f} tokens/s   "
+              f"({setups[name].split(' parameters on ')[1].split(';')[0]})")
+    ratio = statistics.median(seconds[names[1]]) / statistics.median(seconds[names[0]])
+    print(f"  {names[1]} / one process: {ratio:.3f} (step time)")
+    same = weights[names[0]] == weights[names[1]]
+    print(f"  model.safetensors of the two: {'byte-identical' if same else 'different bytes'}")
+    print(f"  load average after: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    return 0
+
+
+# ----------------------------------------------------------------------------
 # report
 
 def blas_description():
@@ -807,8 +866,14 @@ def parse_args(argv):
                         help="with --tokenizer: the first N stdlib lines (default 100000)")
     parser.add_argument("--vocab-size", type=int, default=32768,
                         help="with --tokenizer: tokens to train (default 32768)")
+    parser.add_argument("--ranks", type=int, metavar="N",
+                        help="time only train.py as `mpiexec -n N` against one process on the same "
+                             "cores, taking turns, --train-steps steps a run (default 4); needs "
+                             "requirements-mpi.txt")
     args = parser.parse_args(argv)
     config = albor.get_config(args.config)
+    if args.ranks is not None and (args.tokenizer or args.attention):
+        parser.error("--ranks, --tokenizer and --attention are separate benchmarks: give one")
     if args.tokenizer:
         if args.attention or args.train_steps is not None:
             parser.error("--tokenizer, --attention and --train-steps are separate benchmarks: give one")
@@ -828,6 +893,8 @@ def parse_args(argv):
         return args, config
     if args.batch_sizes is not None or args.seq_lens is not None:
         parser.error("--batch-sizes and --seq-lens only apply with --attention")
+    if args.ranks is not None and args.ranks < 2:
+        parser.error("--ranks must be at least 2")
     if args.train_steps is not None and args.train_steps < 1:
         parser.error("--train-steps must be at least 1")
     args.batch_size = 4 if args.batch_size is None else args.batch_size
@@ -849,6 +916,8 @@ def main(argv=None):
     B, T = args.batch_size, args.seq_len
     tokens = B * T
     kept = cpu.keep_freed_memory()  # as train.py does (for PyTorch too: one process)
+    if args.ranks:
+        return ranks_benchmark(args.config, args.ranks, B, T, args.grad_accum, args.train_steps or 4)
     if args.train_steps:
         return whole_run_benchmark(config, B, T, args.grad_accum, args.train_steps)
 

@@ -22,7 +22,11 @@ What a run does, in the order of the sections below:
    micro-batch's rows are shared out over one worker thread per core (cpu.py, with
    single-threaded BLAS: set below, before NumPy loads). --dtype tf32/bf16/fp16
    runs the matmuls in mixed precision (gpu.py; fp16 with dynamic loss scaling: a
-   step whose gradients overflow is skipped; emulated on a CPU).
+   step whose gradients overflow is skipped; emulated on a CPU). Under MPI
+   (`mpiexec -n N python train.py ...`, distributed.py) the rows of every
+   micro-batch are shared out over the N ranks too and their gradients summed
+   by an all-reduce: the same steps on the same rows, N processes doing them;
+   rank 0 alone writes the run folder and prints.
 5. The run: setup (model, data, optimizer), the loop (a step, a line in
    metrics.jsonl, a checkpoint every --save-every steps), and the finish:
    validation loss, the parse rate (the share of --eval-samples sampled
@@ -42,7 +46,8 @@ Ctrl-C, SIGTERM or SIGHUP stops after the current step and saves a checkpoint th
 continues exactly (same final weights, byte for byte, as a run never stopped). At the end the
 checkpoint is committed before the evaluation, so a stop there loses no training either. A
 second signal quits at once (once a save in progress is committed); a kill loses only the steps
-since the last save (--save-every).
+since the last save (--save-every). Under MPI a stop signal on any rank stops every rank after
+the same step.
 """
 import argparse
 import contextlib
@@ -67,6 +72,7 @@ from tqdm import tqdm  # noqa: E402
 import albor  # noqa: E402
 import checkpoint  # noqa: E402
 import cpu  # noqa: E402
+import distributed  # noqa: E402
 import gpu  # noqa: E402
 import sample  # noqa: E402
 from tokenizer import EOT_ID, PAD_ID, Tokenizer  # noqa: E402
@@ -174,7 +180,9 @@ def build_parser():
                "  python train.py --config tiny --rows 200 --out runs/tiny\n"
                "  python train.py --resume checkpoints/albor-base-50m --max-steps 100\n"
                "  python train.py --eval-only --resume checkpoints/albor-base-50m\n"
-               "  python train.py --init checkpoints/albor-base-50m --data my_code/ --out runs/ft",
+               "  python train.py --init checkpoints/albor-base-50m --data my_code/ --out runs/ft\n"
+               "  mpiexec -n 2 python train.py --rows 500            the same run over 2 MPI ranks "
+               "(README: More than one process)",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     for name, help, options in FLAGS:
         default = DEFAULTS[name.lstrip("-").replace("-", "_")]
@@ -548,7 +556,7 @@ class Diverged(Exception):
 
 
 def train_step(params, config, optimizer, inputs, targets, lr, grad_clip, step, timing, scaler=None,
-               workers=None):
+               workers=None, group=distributed.SINGLE):
     """One optimizer step on the micro-batches inputs[m], targets[m] (each (B, T), NumPy).
 
     Returns (loss, pre-clip gradient norm, number of non-pad targets, whether the optimizer
@@ -556,12 +564,15 @@ def train_step(params, config, optimizer, inputs, targets, lr, grad_clip, step, 
     micro-batch's mean loss counts with weight n_valid[m] / n_valid_step, and backward's
     loss_scale gives its gradient the same weight, added into one gradient dict (so 4
     micro-batches of 4 rows = one batch of 16 rows). workers (a cpu.DataParallel; default one
-    thread) share each micro-batch's rows out, their gradients summed before clipping.
+    thread) share each micro-batch's rows out, their gradients summed before clipping. With MPI
+    (group: distributed.py) every rank gets the whole step and its workers take the rank's share
+    of the rows; the ranks' loss sums and gradients are added up, so every rank clips the same
+    gradients and takes the same step.
     With --dtype bf16/fp16 the weights' half copies are made once, before the micro-batches
     (gpu.half_weights); with fp16 the scaler's scale multiplies the loss_scale too (see
     apply_update).
     On a GPU the step waits for the device once, in apply_update: the targets are counted on
-    the host, and the micro-batches' losses and the gradient norm stay on the device until
+    the host, and the micro-batches' loss sums and the gradient norm stay on the device until
     then. Phase times go into timing, from gpu.PhaseClock (CUDA events on the GPU: no waiting
     between phases; the optimizer's is added at the next step, after its wait).
     """
@@ -572,43 +583,46 @@ def train_step(params, config, optimizer, inputs, targets, lr, grad_clip, step, 
     worker_seconds = dict(workers.seconds)
     clock = workers.clock
     clock.start()
-    losses = []  # each micro-batch's mean loss (on a GPU: still on the device)
+    loss_sums = []   # per micro-batch: the loss summed over its counted targets (this process's rows)
     with gpu.half_weights(params):
         for m in range(len(inputs)):
             weight = loss_scale * n_valid[m] / n_valid_step  # this micro-batch's share of the step
-            losses.append(workers.forward_backward(params, config, inputs[m], targets[m],
-                                                   loss_scale=weight))
-    grads = workers.gradients()
+            loss_sums.append(workers.forward_backward(params, config, inputs[m], targets[m],
+                                                      loss_scale=weight))
+    grads = group.sum_gradients(workers.gradients(), params)   # every rank's gradients, added up
     clock.mark("model_seconds")
-    grad_norm, stepped, losses = apply_update(optimizer, params, grads, lr, grad_clip, scaler, step,
-                                              losses)
+    grad_norm, stepped, loss_sums = apply_update(optimizer, params, grads, lr, grad_clip, scaler,
+                                                 step, loss_sums, group)
     clock.mark("optimizer_seconds")
     phases = clock.collect(wait=False)
     # forward and backward ran interleaved in the workers: split as their own clocks did
     model = phases.pop("model_seconds", 0.0)
     forward = workers.seconds["forward"] - worker_seconds["forward"]
     backward = workers.seconds["backward"] - worker_seconds["backward"]
-    phases["forward_seconds"] = model * forward / (forward + backward)
-    phases["backward_seconds"] = model * backward / (forward + backward)
+    forward_share = forward / (forward + backward) if forward + backward else 0.5
+    phases["forward_seconds"] = model * forward_share
+    phases["backward_seconds"] = model * (1.0 - forward_share)
     for phase, seconds in phases.items():
         timing[phase] += seconds
-    loss = sum(loss * n for loss, n in zip(losses, n_valid)) / n_valid_step
-    return loss, grad_norm, n_valid_step, stepped
+    return sum(loss_sums) / n_valid_step, grad_norm, n_valid_step, stepped
 
 
-def apply_update(optimizer, params, grads, lr, grad_clip, scaler, step, losses=()):
+def apply_update(optimizer, params, grads, lr, grad_clip, scaler, step, losses=(),
+                 group=distributed.SINGLE):
     """Clip the gradients' global norm and take the optimizer step; returns (the norm before
     clipping, whether the optimizer stepped, the losses as Python floats).
 
-    losses: the step's micro-batch losses (on a GPU, device scalars). They come to the host
-    together with the norm, in ONE copy: the step's one wait for the GPU. A non-finite loss
-    stops the run (Diverged) before anything is updated. With an fp16 loss scaler
+    losses: the step's micro-batch losses or loss sums (on a GPU, device scalars). They come to
+    the host together with the norm, in ONE copy: the step's one wait for the GPU; with MPI
+    they are then summed over the ranks (group). A non-finite loss stops the run (Diverged)
+    before anything is updated (and drops the step's gradients). With an fp16 loss scaler
     (gpu.LossScaler) the gradients are unscaled first, and a step whose gradients overflowed is
     skipped; without one, a non-finite norm stops the run."""
     if scaler:
         scaler.unscale(grads)
     norm = albor.clip_grad_norm(grads, grad_clip)  # clipped on the device: nothing waits yet
     *losses, grad_norm = gpu.fetch(*losses, norm)
+    losses = group.sum_floats(losses)   # every rank's rows
     for m, loss in enumerate(losses):
         if not math.isfinite(loss):
             raise Diverged(f"the loss is {loss} at step {step} (micro-batch {m + 1} of {len(losses)})")
@@ -638,7 +652,7 @@ def evaluate(params, config, inputs, targets, batch_size, workers=None):
             n_valid = int((tgt != albor.IGNORE_INDEX).sum())
             if n_valid == 0:
                 continue
-            total += workers.loss(params, config, idx, tgt) * n_valid
+            total += workers.loss_sum(params, config, idx, tgt)
             count += n_valid
     return gpu.fetch(total)[0] / count if count else None
 
@@ -668,17 +682,23 @@ def parse_eval(params, config, tok, val_texts, args):
 #   --resume folder), last_saved (the step of this run's checkpoint in --out), stop (a StopRequest).
 
 
-def setup(args, given, held):
+def setup(args, given, held, group=distributed.SINGLE):
     """Everything the loop needs, from the settings: the run folder, model shape, data, tokenizer,
-    weights. held (a contextlib.ExitStack) keeps the folders' locks until the run ends."""
-    run = SimpleNamespace(args=args, state=None, last_saved=None)
+    weights. held (a contextlib.ExitStack) keeps the folders' locks until the run ends. group: the
+    processes training together (distributed.py; one process by default); with MPI, rank 0 alone
+    locks and claims the folders."""
+    run = SimpleNamespace(args=args, state=None, last_saved=None, group=group)
     source_folder = args["resume"] or args["init"]
     if args["resume"]:
         if not os.path.isdir(args["resume"]):
             raise RunError(f"--resume {args['resume']}: no such folder")
-        # locked: no other run saves into it meanwhile; a save a kill cut short is finished first
-        held.enter_context(checkpoint.lock(args["resume"]))
+        if group.is_root:   # locked: no other run saves into it meanwhile; a save a kill cut short
+            held.enter_context(checkpoint.lock(args["resume"]))   # is finished first
         run.args, run.state = merge_resumed_settings(args, given)
+    if run.args["batch_size"] < group.size:
+        raise RunError(f"--batch-size {run.args['batch_size']} is smaller than the {group.size} ranks: each "
+                       "rank takes a share of every micro-batch's rows (raise --batch-size; lower "
+                       "--grad-accum to keep the rows per step)")
     run.config, run.config_name = model_config(run.args, given, source_folder)
     run.args["config"] = run.config_name
     if run.args["out"] is None:
@@ -696,8 +716,11 @@ def setup(args, given, held):
 def claim_folder(run, held):
     """Make the run folder (--out) this run's: create it, lock it until the run ends (a second
     run on it stops with an error), and refuse it if it holds another run's checkpoint, unless
-    --overwrite. Nothing in it is changed here."""
+    --overwrite. Nothing in it is changed here. With MPI, rank 0 alone does this."""
     out, resume = run.out, run.args["resume"]
+    if not run.group.is_root:   # (rank 0 has claimed it already: it sets up first)
+        run.resumed_here = bool(resume) and os.path.isdir(out) and os.path.samefile(out, resume)
+        return
     if os.path.exists(out) and not os.path.isdir(out):
         raise RunError(f"--out {out} is a file, not a folder")
     try:
@@ -786,12 +809,30 @@ def load_weights(run):
     run.scaler = gpu.LossScaler() if args["dtype"] == "fp16" else None
     if run.scaler and state and state.get("loss_scaler"):
         run.scaler.load_state(state["loss_scaler"])
-    run.workers = cpu.DataParallel(cpu.cpu_workers())
+    run.workers = cpu.DataParallel(run.group.threads(cpu.cpu_workers()), run.group.rank, run.group.size)
+
+
+def check_ranks_agree(run):
+    """With MPI: every rank must have read the same rows and tokenizer and hold the same weights
+    (the same files, and the same Python for the standard library, on every machine)."""
+    if run.group.size == 1:
+        return
+    mine = {name: run.provenance[name] for name in ("train_rows_sha256", "val_rows_sha256", "tokenizer_sha256",
+                                                    "config_sha256")}
+    mine.update(weights_sha256=distributed.digest(run.params[name] for name in sorted(run.params)),
+                step=str(run.start_step))
+    difference = run.group.first_difference(mine)
+    if difference:
+        raise RunError(f"{difference}: every rank must read the same data, tokenizer and checkpoint "
+                       "(the same files, and the same Python, on every machine)")
 
 
 def print_setup(run):
     args, workers = run.args, run.workers
     on = f"{albor.BACKEND}, {workers.workers} worker threads" if workers.workers > 1 else albor.BACKEND
+    if run.group.size > 1:
+        on = (f"{albor.BACKEND}, {run.group.size} MPI ranks of {workers.workers} worker "
+              f"thread{'s' if workers.workers > 1 else ''} each")
     if args["dtype"] != "fp32":
         emulated = " (emulated: slower than fp32)" if albor.BACKEND == "numpy" else ""
         on += f", {args['dtype']} matmuls{emulated}"
@@ -814,7 +855,10 @@ def print_setup(run):
 
 
 def start_metrics_log(run):
-    """metrics.jsonl in the run folder: the resumed run's lines up to its step, then ours."""
+    """metrics.jsonl in the run folder: the resumed run's lines up to its step, then ours
+    (rank 0 writes it)."""
+    if not run.group.is_root:
+        return
     old_lines = read_metrics(run.args["resume"], run.start_step) if run.args["resume"] else []
     path = os.path.join(run.out, METRICS)
     if os.path.isdir(path):
@@ -853,7 +897,11 @@ def read_metrics(folder, up_to_step):
 
 def save(run, step, finished=False):
     """Commit the checkpoint of the state after `step` optimizer steps: all its files as one unit
-    (checkpoint.commit_files). A stop signal meanwhile waits until it is committed."""
+    (checkpoint.commit_files). A stop signal meanwhile waits until it is committed. Rank 0 saves;
+    the other ranks (which hold the same state) only note that it is there."""
+    if not run.group.is_root:
+        run.last_saved = step
+        return
     save_start = time.perf_counter()
     trainer_state = {"step": step, "args": run.args, "loss_curve": run.loss_curve, "timing": run.timing,
                      "provenance": run.provenance,
@@ -978,12 +1026,12 @@ def train_loop(run):
     run.timing["data_seconds"] += run.data_seconds
     # a layer clock on the CPU only: on a GPU it would have to wait for every layer
     layer_clock = cpu.LayerClock() if albor.BACKEND == "numpy" else None
-    step = run.start_step
+    step, stopping = run.start_step, False
     bar = tqdm(total=run.max_steps, initial=step, unit="step", dynamic_ncols=True)
+    metrics_path = os.path.join(run.out, METRICS) if run.group.is_root else os.devnull  # rank 0 writes
     try:
-        with layer_clock or contextlib.nullcontext(), \
-                open(os.path.join(run.out, METRICS), "a", encoding="utf-8") as metrics:
-            while step < run.max_steps and not run.stop.requested:
+        with layer_clock or contextlib.nullcontext(), open(metrics_path, "a", encoding="utf-8") as metrics:
+            while step < run.max_steps and not stopping:
                 step += 1
                 record = one_step(run, step, layer_clock)
                 metrics.write(json.dumps(record) + "\n")
@@ -993,10 +1041,13 @@ def train_loop(run):
                                 tok_s=f"{run.tokens_per_step / record['seconds']:.0f}")
                 if run.args["save_every"] and step % run.args["save_every"] == 0 and step < run.max_steps:
                     save(run, step)
+                stopping = run.group.any(run.stop.requested)   # a stop signal on any rank stops them all
     except Diverged as e:
         raise RunError(f"{e}; stopping: {kept(run, 'good checkpoint')}") from None
     finally:
         bar.close()
+    if stopping and not run.stop.requested:
+        run.stop.requested = "a stop signal on another rank"
     return step
 
 
@@ -1011,14 +1062,14 @@ def one_step(run, step, layer_clock):
     scale = run.scaler.scale if run.scaler else None
     loss, grad_norm, n_valid, stepped = train_step(
         run.params, run.config, run.optimizer, run.train_inputs[rows], run.train_targets[rows],
-        lr, args["grad_clip"], step, timing, run.scaler, run.workers)
+        lr, args["grad_clip"], step, timing, run.scaler, run.workers, run.group)
     if not stepped:
         tqdm.write(f"step {step}: a gradient overflowed in fp16 at loss scale {scale:g}; "
                    f"step skipped, loss scale now {run.scaler.scale:g}")
     seconds = time.perf_counter() - step_start
     timing["train_seconds"] += seconds
     if layer_clock:  # the layer clock adds up every worker thread's time: per thread, on average
-        threads = len(cpu.row_shards(args["batch_size"], run.workers.workers))
+        threads = len(run.workers.my_rows(args["batch_size"]))
         layers = layer_clock.take()
         attention = layers.pop("attention", 0.0)
         timing["attention_seconds"] += attention / threads
@@ -1136,18 +1187,31 @@ def print_summary(config_name, step, tokens_per_step, loss_curve, val_loss, val_
 
 
 def main(argv=None):
-    with warnings.catch_warnings():
+    try:
+        group = distributed.start()   # one process; or, under mpiexec, this rank's place among them
+    except distributed.LaunchError as e:
+        raise SystemExit(f"train.py: error: {e}") from None
+    with warnings.catch_warnings(), group.stop_all_on_failure():   # MPI: an error on a rank ends all
         # A diverging step overflows before its loss or gradient norm turns inf or NaN, which the
         # run reports itself in one line (Diverged): NumPy's warnings would only come first.
         warnings.filterwarnings("ignore", r"(overflow|invalid value|divide by zero) encountered",
                                 RuntimeWarning)
         try:
-            return execute(argv)
+            return execute(argv, group)
         except (RunError, checkpoint.CheckpointError) as e:
             raise SystemExit(f"train.py: error: {e}") from None
 
 
-def execute(argv):
+def rank_zero_alone(run):
+    """With MPI, after the training loop the other ranks are done: rank 0 alone goes on (the
+    final save, the evaluation, the summary; --eval-only) with worker threads on all its cores.
+    Returns whether this process goes on."""
+    if run.group.is_root and run.group.size > 1:
+        run.workers = cpu.DataParallel(cpu.cpu_workers())
+    return run.group.is_root
+
+
+def execute(argv, group=distributed.SINGLE):
     """The whole run: settings, setup, the loop, and the finish (or a save when stopped)."""
     wall_start = time.perf_counter()
     args, given = parse_settings(argv)
@@ -1155,15 +1219,18 @@ def execute(argv):
     run = None
     with contextlib.ExitStack() as held, StopRequest() as stop:   # held: the run folders' locks
         try:
-            run = setup(args, given, held)
+            with group.root_first():   # with MPI, rank 0 first: it claims the folder, trains a tokenizer
+                run = setup(args, given, held, group)
+            check_ranks_agree(run)
             run.stop = stop
             print_setup(run)
             if run.args["eval_only"]:
-                return evaluate_only(run)
+                return evaluate_only(run) if rank_zero_alone(run) else 0
             start_metrics_log(run)
             stop.at_once = False   # from here a stop signal lets the step finish, then saves
             step = train_loop(run)
-            finish(run, step, wall_start)
+            if rank_zero_alone(run):
+                finish(run, step, wall_start)
         except KeyboardInterrupt:   # a stop signal before training, in the evaluation, or a second one
             raise SystemExit(f"train.py: interrupted; {kept(run)}") from None
     return 0
