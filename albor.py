@@ -800,14 +800,20 @@ def default_warmup(max_steps):
     return min(100, max_steps // 10)
 
 
-def clip_grad_norm(grads, max_norm):
-    """Scale all gradients together so their global L2 norm is at most max_norm.
+def global_norm(grads):
+    """The L2 norm of all gradients together: sqrt(sum over every parameter of sum(g * g)), the
+    squares summed in float64 (a float32 sum over 62M squares would lose digits)."""
+    sum_of_squares = sum(xp.sum(xp.square(g, dtype=xp.float64)) for g in grads.values())
+    return math.sqrt(float(sum_of_squares))  # one wait for a GPU: the only float() here
 
-    The global norm is sqrt(sum over every parameter of sum(g * g)), the squares summed in
-    float64 (a float32 sum over 62M squares would lose digits). When it exceeds max_norm
-    every gradient is multiplied by max_norm / (norm + 1e-6), which keeps the direction of
-    the step and bounds its size. max_norm <= 0 (or None) turns clipping off. Non-finite norms are left alone (the caller
-    stops the run). Returns the norm before clipping, as a Python float.
+
+def clip_grad_norm(grads, max_norm):
+    """Scale all gradients together so their global L2 norm (global_norm) is at most max_norm.
+
+    When it exceeds max_norm every gradient is multiplied by max_norm / (norm + 1e-6), which
+    keeps the direction of the step and bounds its size. max_norm <= 0 (or None) turns clipping
+    off. Non-finite norms are left alone (the caller stops the run). Returns the norm before
+    clipping, as a Python float.
 
     >>> g = {"a": xp.asarray([3.0, 0.0], dtype=xp.float32), "b": xp.asarray([4.0], dtype=xp.float32)}
     >>> clip_grad_norm(g, 1.0)
@@ -815,8 +821,7 @@ def clip_grad_norm(grads, max_norm):
     >>> [round(float(x), 4) for x in to_numpy(g["a"])], round(float(g["b"][0]), 4)
     ([0.6, 0.0], 0.8)
     """
-    sum_of_squares = sum(xp.sum(xp.square(g, dtype=xp.float64)) for g in grads.values())
-    norm = math.sqrt(float(sum_of_squares))  # one wait for a GPU: the only float() here
+    norm = global_norm(grads)
     if max_norm is not None and max_norm > 0.0 and math.isfinite(norm) and norm > max_norm:
         scale = float(max_norm) / (norm + 1e-6)
         for g in grads.values():

@@ -12,6 +12,7 @@ Windows). A crash mid-save leaves the previous files intact. The model and optim
 both record the step they belong to, and loading checks that they agree.
 """
 import dataclasses
+import hashlib
 import json
 import os
 
@@ -106,8 +107,9 @@ def _temporary_name(path):
     return os.path.join(folder, f".{name}.{os.getpid()}.tmp")
 
 
-def write_safetensors(tmp, tensors, metadata):
-    """Write float32 tensors to the file tmp in the safetensors format, and flush it to disk.
+def safetensors_parts(tensors, metadata):
+    """The bytes of a safetensors file of float32 tensors, in order, as pieces (bytes or
+    memoryviews): write_safetensors writes them, safetensors_digest hashes them.
 
     The format is simple enough to write by hand (and so the bytes are the same on every run,
     which the library, storing the metadata in a hash map, does not promise):
@@ -124,13 +126,30 @@ def write_safetensors(tmp, tensors, metadata):
         offset += a.nbytes
     header_bytes = json.dumps(header, separators=(",", ":")).encode("utf-8")
     header_bytes += b" " * (-len(header_bytes) % 8)
+    return [len(header_bytes).to_bytes(8, "little"), header_bytes] + [a.data for a in host.values()]
+
+
+def write_safetensors(tmp, tensors, metadata):
+    """Write float32 tensors to the file tmp in the safetensors format, and flush it to disk."""
     with open(tmp, "wb") as f:
-        f.write(len(header_bytes).to_bytes(8, "little"))
-        f.write(header_bytes)
-        for a in host.values():
-            f.write(a.data)
+        for part in safetensors_parts(tensors, metadata):
+            f.write(part)
         f.flush()
         os.fsync(f.fileno())
+
+
+def safetensors_digest(tensors, metadata):
+    """(SHA-256 hex digest, size in bytes) of the file write_safetensors would write, unwritten."""
+    digest, size = hashlib.sha256(), 0
+    for part in safetensors_parts(tensors, metadata):
+        digest.update(part)
+        size += len(part) if isinstance(part, bytes) else part.nbytes
+    return digest.hexdigest(), size
+
+
+def model_metadata(step):
+    """model.safetensors' metadata: "format": "pt" (which transformers expects) and the step."""
+    return {"format": "pt", "step": step}
 
 
 def _write_bytes(tmp, data):
@@ -153,8 +172,7 @@ def save_checkpoint(folder, config, params, optimizer=None, step=0, extra_files=
     shapes = param_shapes(config)
     if set(params) != set(shapes):
         raise CheckpointError(f"{folder}: params do not match the config's parameter names")
-    model_metadata = {"format": "pt", "step": step}   # transformers expects "format": "pt"
-    files = [(CHECKPOINT_MODEL, write_safetensors, (params, model_metadata)),
+    files = [(CHECKPOINT_MODEL, write_safetensors, (params, model_metadata(step))),
              (CHECKPOINT_CONFIG, _write_bytes, ((json.dumps(config_to_hf(config), indent=2) + "\n").encode(),))]
     if optimizer is not None:
         metadata = {"step": step, "hyperparameters": json.dumps(optimizer.hyperparameters())}

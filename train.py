@@ -34,6 +34,7 @@ The run folder (--out, default checkpoints/<config>):
     optimizer.safetensors, trainer_state.json        what --resume needs
     metrics.jsonl                                    one JSON line per optimizer step
     final_model.json                                 losses, parse rate, timing and provenance of the run
+    README.md                                        the model card (model_card.py), from final_model.json
 
 Ctrl-C stops after the current step and saves a checkpoint that --resume
 continues exactly (same final weights, byte for byte, as a run never stopped).
@@ -44,6 +45,7 @@ import hashlib
 import json
 import math
 import os
+import shlex
 import signal
 import sys
 import sysconfig
@@ -61,6 +63,7 @@ import albor  # noqa: E402
 import checkpoint  # noqa: E402
 import cpu  # noqa: E402
 import gpu  # noqa: E402
+import model_card  # noqa: E402
 import sample  # noqa: E402
 from tokenizer import EOT_ID, PAD_ID, Tokenizer  # noqa: E402
 
@@ -427,12 +430,14 @@ def sha256_hex(data):
 
 
 def get_tokenizer(args, config, corpus, source_folder):
-    """(Tokenizer, its tokenizer.json bytes, where it came from).
+    """(Tokenizer, its tokenizer.json bytes, where it came from, what it was trained on (None
+    when that is not known here)).
 
     --tokenizer FILE; else the checkpoint folder's (--resume/--init); else the one
     trained on this corpus's first TOKENIZER_LINES lines with vocab_size tokens,
     cached in <out>/../tokenizers/ under a name derived from that text and size.
     """
+    trained_on = None
     if args["tokenizer"]:
         path = Path(args["tokenizer"])
         origin = str(path)
@@ -443,6 +448,9 @@ def get_tokenizer(args, config, corpus, source_folder):
         texts = corpus.first_lines(TOKENIZER_LINES)
         if not texts:
             raise RunError(f"no usable text in {corpus.description} to train a tokenizer on")
+        lines = sum(text.count("\n") for text in texts)
+        trained_on = (f"the first {lines:,} lines of {corpus.description}, "
+                      f"min frequency {TOKENIZER_MIN_FREQUENCY}")
         key = hashlib.sha256(f"vocab_size={config.vocab_size}\nmin_frequency={TOKENIZER_MIN_FREQUENCY}\n".encode())
         for text in texts:
             key.update(text.encode("utf-8"))
@@ -452,7 +460,6 @@ def get_tokenizer(args, config, corpus, source_folder):
             origin = f"{path} (cached)"
         else:
             started = time.perf_counter()
-            lines = sum(text.count("\n") for text in texts)
             print(f"training a {config.vocab_size:,}-token tokenizer on the first {lines:,} lines of "
                   f"{corpus.description} ...")
             tok = Tokenizer.train(texts, config.vocab_size, min_frequency=TOKENIZER_MIN_FREQUENCY, progress=True)
@@ -463,11 +470,23 @@ def get_tokenizer(args, config, corpus, source_folder):
         data = path.read_bytes()
     except OSError as e:
         raise RunError(f"{path}: cannot read the tokenizer ({e.strerror})") from None
+    if source_folder and not args["tokenizer"]:
+        trained_on = recorded_training(source_folder, sha256_hex(data))
     try:
         tok = Tokenizer.load(path, max_vocab_size=config.vocab_size)
     except ValueError as e:
         raise RunError(str(e).splitlines()[0]) from None
-    return tok, data, origin
+    return tok, data, origin, trained_on
+
+
+def recorded_training(folder, tokenizer_sha256):
+    """What the final_model.json in folder says its tokenizer (of this SHA-256) was trained on,
+    or None where it does not say."""
+    try:
+        saved = json.loads(Path(folder, FINAL_MODEL).read_text(encoding="utf-8")).get("tokenizer") or {}
+    except (OSError, ValueError, AttributeError):
+        return None
+    return saved.get("trained_on") if saved.get("sha256") == tokenizer_sha256 else None
 
 
 def tokenizer_bytes(tok):
@@ -486,8 +505,8 @@ def train_step(params, config, optimizer, inputs, targets, lr, grad_clip, step, 
                workers=None):
     """One optimizer step on the micro-batches inputs[m], targets[m] (each (B, T)).
 
-    Returns (loss, pre-clip gradient norm, number of non-pad targets, whether the optimizer
-    stepped). The loss is the mean over the non-pad targets of all micro-batches together: a
+    Returns (loss, (gradient norm before clipping, after it), number of non-pad targets, whether
+    the optimizer stepped). The loss is the mean over the non-pad targets of all micro-batches together: a
     micro-batch's mean loss counts with weight n_valid[m] / n_valid_step, and backward's
     loss_scale gives its gradient the same weight, added into one gradient dict (so 4
     micro-batches of 4 rows = one batch of 16 rows). workers (a cpu.DataParallel; default one
@@ -514,7 +533,7 @@ def train_step(params, config, optimizer, inputs, targets, lr, grad_clip, step, 
         loss_sum += loss * n_valid[m]
     grads = workers.gradients()
     clock.mark("model_seconds")
-    grad_norm, stepped = apply_update(optimizer, params, grads, lr, grad_clip, scaler, step)
+    norms, stepped = apply_update(optimizer, params, grads, lr, grad_clip, scaler, step)
     clock.mark("optimizer_seconds")
     phases = clock.collect()
     # forward and backward ran interleaved in the workers: split as their own clocks did
@@ -525,16 +544,19 @@ def train_step(params, config, optimizer, inputs, targets, lr, grad_clip, step, 
     phases["backward_seconds"] = model * backward / (forward + backward)
     for phase, seconds in phases.items():
         timing[phase] += seconds
-    return loss_sum / n_valid_step, grad_norm, n_valid_step, stepped
+    return loss_sum / n_valid_step, norms, n_valid_step, stepped
 
 
 def apply_update(optimizer, params, grads, lr, grad_clip, scaler, step):
-    """Clip the gradients' global norm and take the optimizer step; returns (the norm before
-    clipping, whether the optimizer stepped). With an fp16 loss scaler (gpu.LossScaler) the
-    gradients are unscaled first, and a step whose gradients overflowed is skipped."""
+    """Clip the gradients' global norm and take the optimizer step; returns ((the norm before
+    clipping, the norm after it), whether the optimizer stepped). The norm after clipping is
+    measured, not assumed: the model card checks it against the clip value (FALSIFY-ALBOR-002).
+    With an fp16 loss scaler (gpu.LossScaler) the gradients are unscaled first, and a step
+    whose gradients overflowed is skipped."""
     if scaler:
         scaler.unscale(grads)
     grad_norm = albor.clip_grad_norm(grads, grad_clip)
+    clipped_norm = albor.global_norm(grads)
     stepped = True
     if scaler:
         try:
@@ -545,7 +567,7 @@ def apply_update(optimizer, params, grads, lr, grad_clip, scaler, step):
         raise Diverged(f"the gradient norm is {grad_norm} at step {step}")
     if stepped:
         optimizer.step(params, grads, lr)
-    return grad_norm, stepped
+    return (grad_norm, clipped_norm), stepped
 
 
 def evaluate(params, config, inputs, targets, batch_size, workers=None):
@@ -604,6 +626,7 @@ def setup(args, given):
                        f"{run.config.max_position_embeddings}")
     load_data(run, source_folder)
     load_weights(run)
+    run.resumes, run.reproduce = resume_history(run)
     return run
 
 
@@ -623,7 +646,8 @@ def load_data(run, source_folder):
     """The tokenizer, the validation and training rows, the schedule and their provenance."""
     args, config = run.args, run.config
     run.corpus = Corpus(args["data"])
-    run.tok, run.tok_data, run.tok_origin = get_tokenizer(args, config, run.corpus, source_folder)
+    run.tok, run.tok_data, run.tok_origin, run.tok_trained_on = get_tokenizer(args, config, run.corpus,
+                                                                             source_folder)
     if args["resume"] and args["tokenizer"]:
         saved_tok = (Path(args["resume"]) / TOKENIZER_FILE).read_bytes()
         if sha256_hex(saved_tok) != sha256_hex(run.tok_data):
@@ -703,32 +727,59 @@ def print_setup(run):
         print(f"note: the run is already at step {run.start_step} of {run.max_steps}; nothing to train")
 
 
+def read_metrics(folder, last_step):
+    """[(line, record)] of folder's metrics.jsonl up to step last_step ([] if it has none)."""
+    path = os.path.join(folder, METRICS)
+    if not os.path.exists(path):
+        return []
+    lines = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            try:
+                record = json.loads(line)
+                if record["step"] <= last_step:
+                    lines.append((line if line.endswith("\n") else line + "\n", record))
+            except (json.JSONDecodeError, KeyError, TypeError):
+                pass   # a line cut by a crash
+    return lines
+
+
 def start_metrics_log(run):
     """metrics.jsonl in the run folder: the resumed run's lines up to its step, then ours."""
     os.makedirs(run.out, exist_ok=True)
-    old_lines = []
-    resumed = os.path.join(run.args["resume"] or "", METRICS)
-    if run.args["resume"] and os.path.exists(resumed):
-        with open(resumed, encoding="utf-8") as f:
-            for line in f:
-                try:
-                    if json.loads(line)["step"] <= run.start_step:
-                        old_lines.append(line if line.endswith("\n") else line + "\n")
-                except (json.JSONDecodeError, KeyError, TypeError):
-                    pass   # a line cut by a crash
-    checkpoint.atomic_write_bytes(os.path.join(run.out, METRICS), "".join(old_lines).encode("utf-8"))
+    old_lines = read_metrics(run.args["resume"], run.start_step) if run.args["resume"] else []
+    checkpoint.atomic_write_bytes(os.path.join(run.out, METRICS),
+                                  "".join(line for line, _ in old_lines).encode("utf-8"))
     same_folder = run.args["resume"] and os.path.abspath(run.out) == os.path.abspath(run.args["resume"])
     run.last_saved = run.start_step if same_folder else None
 
 
-def save(run, step, val_loss=None, finished=False, parse=None):
-    """Write the checkpoint (atomically) for the state after `step` optimizer steps."""
+def save(run, step, val_loss=None, finished=False, parse=None, stopped=None):
+    """Write the checkpoint (atomically) for the state after `step` optimizer steps, with its
+    model card; stopped: why the run stops early (None: finished, or a --save-every save)."""
     save_start = time.perf_counter()
     curve, timing = run.loss_curve, run.timing
     trainer_state = {"step": step, "args": run.args, "loss_curve": curve, "timing": timing,
-                     "provenance": run.provenance,
+                     "provenance": run.provenance, "resumes": run.resumes, "reproduce": run.reproduce,
                      "loss_scaler": run.scaler.state() if run.scaler else None}
-    final_model = {
+    final_model = run_summary(run, step, run.out, val_loss, parse, finished)
+    final_model["status"] = {"state": "finished" if finished else "stopped" if stopped else "in progress",
+                             "step": step, "max_steps": run.max_steps, "reason": stopped}
+    extra = {TOKENIZER_FILE: run.tok_data,
+             TRAINER_STATE: (json.dumps(trainer_state, indent=1) + "\n").encode(),
+             FINAL_MODEL: (json.dumps(final_model, indent=1) + "\n").encode(),
+             model_card.CARD_FILE: model_card.render(final_model, run.config).encode("utf-8")}
+    checkpoint.save_checkpoint(run.out, run.config, run.params, run.optimizer, step=step,
+                               extra_files=extra)
+    run.last_saved, run.last_final_model = step, final_model
+    timing["save_seconds"] = timing.get("save_seconds", 0.0) + time.perf_counter() - save_start
+
+
+def run_summary(run, step, folder, val_loss=None, parse=None, finished=False):
+    """final_model.json (without its "status"): the figures of the run after `step` steps, whose
+    checkpoint lies in `folder`: losses, evaluation, timing, provenance, and the card's facts."""
+    curve = run.loss_curve
+    return {
         "config": run.config_name, "finished": finished, "steps": step, "max_steps": run.max_steps,
         "warmup": run.warmup, "lr": run.args["lr"], "min_lr": run.min_lr,
         "final_loss": curve[-1] if curve else None, "best_loss": min(curve) if curve else None,
@@ -736,15 +787,79 @@ def save(run, step, val_loss=None, finished=False, parse=None):
         "val_loss": val_loss, "val_perplexity": perplexity(val_loss),
         "parse_rate": parse["parse_rate"] if parse else None, "parse_eval": parse,
         "loss_curve": curve, "tokens": step * run.tokens_per_step,
-        "timing": timing, "provenance": run.provenance, "args": run.args,
+        "timing": run.timing, "provenance": run.provenance, "args": run.args,
+        **card_facts(run, step, folder),
     }
-    extra = {TOKENIZER_FILE: run.tok_data,
-             TRAINER_STATE: (json.dumps(trainer_state, indent=1) + "\n").encode(),
-             FINAL_MODEL: (json.dumps(final_model, indent=1) + "\n").encode()}
-    checkpoint.save_checkpoint(run.out, run.config, run.params, run.optimizer, step=step,
-                               extra_files=extra)
-    run.last_saved = step
-    timing["save_seconds"] = timing.get("save_seconds", 0.0) + time.perf_counter() - save_start
+
+
+def card_facts(run, step, folder):
+    """What the model card reports beyond the losses, measured: the parameters counted in the
+    weights, the weights' SHA-256 (as saved in `folder` at this step), the tokens counted in the
+    rows and in folder's metrics log, the machine, and the FALSIFY verdicts (model_card.py)."""
+    records = [record for _, record in read_metrics(folder, step)]
+    sha256, size = checkpoint.safetensors_digest(run.params, checkpoint.model_metadata(step))
+    return {
+        "parameters": sum(int(p.size) for p in run.params.values()),
+        "model_file": {"folder": folder, "name": checkpoint.CHECKPOINT_MODEL, "sha256": sha256, "bytes": size},
+        "tokens_seen": sum(record["valid_tokens"] for record in records),
+        "data": data_facts(run),
+        "tokenizer": {"vocab_size": run.tok.vocab_size, "merges": len(run.tok.merges),
+                      "source": run.tok_origin, "trained_on": run.tok_trained_on,
+                      "sha256": run.provenance["tokenizer_sha256"]},
+        "device": model_card.machine(run.workers.workers), "precision": run.args["dtype"],
+        "software": model_card.software(), "resumes": run.resumes, "reproduce": run.reproduce,
+        "falsify": model_card.falsify(run.loss_curve[:step], records, run.args["grad_clip"], sha256,
+                                      run.reproduce),
+    }
+
+
+def data_facts(run):
+    """The data's name (for the card's metadata), its tokens counted in the rows, and how many
+    training rows are cut (no <|endoftext|> in them: the document goes on past the row)."""
+    stdlib = run.args["data"] is None
+    name = f"python-{sys.version.split()[0]}-stdlib" if stdlib else Path(run.args["data"]).stem
+    full_rows = np.concatenate([run.train_inputs, run.train_targets[:, -1:]], axis=1) == EOT_ID
+    return {"name": name, "tags": ["code", "python"] if stdlib else [],
+            "license": "The Python standard library is distributed under the PSF License Agreement." if stdlib
+            else None,
+            "train_tokens": int((run.train_targets != albor.IGNORE_INDEX).sum()),
+            "val_tokens": int((run.val_targets != albor.IGNORE_INDEX).sum()),
+            "cut_train_rows": int((~full_rows.any(axis=1)).sum())}
+
+
+# The flags a command that trains these weights again must repeat: all but where the run is
+# written, how it is evaluated, and --resume (its settings are the run's own).
+NOT_REPEATED = ("out", "resume", "save_every", "eval_samples", "eval_only")
+
+
+def reproduce_command(args):
+    """The `python train.py ...` command line that trains this run's weights from scratch:
+    every setting that differs from DEFAULTS (with --init, the model's shape comes from there).
+    Example: {..., "rows": 64, "lr": 0.001} -> "python train.py --rows 64 --lr 0.001"."""
+    flags = []
+    for name, default in DEFAULTS.items():
+        if name in NOT_REPEATED or (name == "config" and args["init"]):
+            continue
+        if args[name] != default and args[name] is not None:
+            flags.append(f"--{name.replace('_', '-')} {shlex.quote(str(args[name]))}")
+    return " ".join(["python train.py"] + flags)
+
+
+def resume_history(run):
+    """(resumes, command): the run's resumes (the saved run's, plus this one with the settings
+    it changed, {name: [saved, now]}) and the one command that reproduces the run's weights
+    (None once a resume changed a setting that the weights depend on)."""
+    state, args = run.state or {}, run.args
+    if not args["resume"]:
+        return [], reproduce_command(args)
+    resumes, command = list(state.get("resumes", [])), state.get("reproduce", reproduce_command(state["args"]))
+    if not args["eval_only"]:
+        saved = state["args"]
+        changed = {name: [saved.get(name), args[name]] for name in DEFAULTS
+                   if name not in NOT_REPEATED + ("init", "tokenizer") and saved.get(name) != args[name]}
+        resumes.append({"step": run.start_step, "from": args["resume"], "changed": changed})
+        command = None if changed else command
+    return resumes, command
 
 
 class StopRequest:
@@ -754,17 +869,20 @@ class StopRequest:
 
     def __init__(self):
         self.requested = False
+        self.reason = None   # why the run stops early, for the model card
 
     def __call__(self, signum, frame):
         if self.requested:
             raise KeyboardInterrupt
         self.requested = True
+        self.reason = "Ctrl-C (SIGINT)" if signum == signal.SIGINT else signal.Signals(signum).name
         tqdm.write("Ctrl-C: stopping after this step and saving a checkpoint "
                    "(press Ctrl-C again to quit without saving)")
 
 
 def train_loop(run):
-    """Steps from run.start_step until max_steps or a Ctrl-C; returns (last step, stopped)."""
+    """Steps from run.start_step until max_steps or a Ctrl-C; returns (last step, why it stopped
+    early: None when it did not)."""
     for key in ("train_seconds", "forward_seconds", "backward_seconds", "optimizer_seconds",
                 "attention_seconds", "other_layers_seconds", "data_seconds"):
         run.timing.setdefault(key, 0.0)
@@ -792,6 +910,7 @@ def train_loop(run):
     except Diverged as e:
         kept = (f"the last good checkpoint (step {run.last_saved}) stays in {run.out}"
                 if run.last_saved is not None else f"no checkpoint of this run was saved ({run.out} is left as it was)")
+        mark_diverged(run, str(e))
         raise RunError(f"{e}; stopping: {kept}") from None
     except KeyboardInterrupt:
         kept = (f"the last checkpoint (step {run.last_saved}) stays in {run.out}"
@@ -801,7 +920,20 @@ def train_loop(run):
         bar.close()
         if in_main_thread:
             signal.signal(signal.SIGINT, previous_handler)
-    return step, stop.requested and step < run.max_steps
+    return step, stop.reason if stop.requested and step < run.max_steps else None
+
+
+def mark_diverged(run, reason):
+    """After a non-finite loss or gradient: the card of the last checkpoint this process saved
+    says the run diverged, and why (that checkpoint itself stays as it was)."""
+    final_model = getattr(run, "last_final_model", None)
+    if final_model is None:
+        return
+    final_model["status"] = dict(final_model["status"], state="diverged", reason=reason)
+    checkpoint.atomic_write_bytes(os.path.join(run.out, FINAL_MODEL),
+                                  (json.dumps(final_model, indent=1) + "\n").encode())
+    checkpoint.atomic_write_bytes(os.path.join(run.out, model_card.CARD_FILE),
+                                  model_card.render(final_model, run.config).encode("utf-8"))
 
 
 def one_step(run, step, layer_clock):
@@ -813,7 +945,7 @@ def one_step(run, step, layer_clock):
     rows = np.stack([micro_batch_rows(step, m, args, len(run.train_inputs))
                      for m in range(args["grad_accum"])])      # (grad_accum, B)
     scale = run.scaler.scale if run.scaler else None
-    loss, grad_norm, n_valid, stepped = train_step(
+    loss, (grad_norm, clipped_norm), n_valid, stepped = train_step(
         run.params, run.config, run.optimizer, run.train_inputs[rows], run.train_targets[rows],
         lr, args["grad_clip"], step, timing, run.scaler, run.workers)
     if not stepped:
@@ -828,7 +960,7 @@ def one_step(run, step, layer_clock):
         timing["attention_seconds"] += attention / threads
         timing["other_layers_seconds"] += sum(layers.values()) / threads
     run.loss_curve.append(loss)
-    record = {"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
+    record = {"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "grad_norm_clipped": clipped_norm,
               "tokens": run.tokens_per_step, "valid_tokens": n_valid, "seconds": seconds}
     if run.scaler:
         record.update(loss_scale=scale, skipped=not stepped)
@@ -861,12 +993,17 @@ def evaluate_only(run):
                         run.workers)
     parse = parse_eval(run.params, run.config, run.tok, run.val_texts, args)
     source = os.path.join(args["resume"], FINAL_MODEL)
-    final_model = read_json(source, "the run's summary") if os.path.exists(source) else {}
-    final_model.update(val_loss=val_loss, val_perplexity=perplexity(val_loss),
-                       parse_rate=parse["parse_rate"], parse_eval=parse)
+    saved = read_json(source, "the run's summary") if os.path.exists(source) else {}
+    final_model = {**saved, **run_summary(run, run.start_step, args["resume"], val_loss, parse,
+                                          finished=saved.get("finished", False))}
+    final_model["status"] = saved.get("status") or {
+        "state": "finished" if final_model["finished"] else "in progress", "step": run.start_step,
+        "max_steps": run.max_steps, "reason": None}
     os.makedirs(args["out"], exist_ok=True)
     checkpoint.atomic_write_bytes(os.path.join(args["out"], FINAL_MODEL),
                                   (json.dumps(final_model, indent=1) + "\n").encode())
+    checkpoint.atomic_write_bytes(os.path.join(args["out"], model_card.CARD_FILE),
+                                  model_card.render(final_model, run.config).encode("utf-8"))
     print_losses(None, val_loss, len(run.val_inputs))
     print(sample.describe_parse_rate(parse))
     print(f"evaluated in {time.perf_counter() - start:.1f} s; written to {os.path.join(args['out'], FINAL_MODEL)}")
@@ -902,14 +1039,8 @@ def print_summary(config_name, step, tokens_per_step, loss_curve, val_loss, val_
     if train:
         print(f"{config_name}: {step} steps, {tokens:,} tokens in {train:.1f} s of training: "
               f"{tokens / train:,.0f} tokens/s; wall time {timing['wall_seconds']:.1f} s")
-        if "matmul_seconds" in timing:
-            parts = [("matmuls", timing["matmul_seconds"]), ("attention", timing["attention_seconds"]),
-                     ("other layers", timing["other_layers_seconds"]), ("optimizer", timing["optimizer_seconds"])]
-        else:
-            parts = [("forward", timing["forward_seconds"]), ("backward", timing["backward_seconds"]),
-                     ("optimizer", timing["optimizer_seconds"])]
-        parts.append(("data/bookkeeping", train - sum(seconds for _, seconds in parts)))
-        print("time: " + ", ".join(f"{name} {seconds:.1f} s ({100 * seconds / train:.0f}%)" for name, seconds in parts))
+        print("time: " + ", ".join(f"{name} {seconds:.1f} s ({100 * seconds / train:.0f}%)"
+                                   for name, seconds in model_card.time_split(timing)))
     print(f"checkpoint: {out}")
 
 
@@ -934,7 +1065,7 @@ def execute(argv):
     start_metrics_log(run)
     step, stopped = train_loop(run)
     if stopped:
-        save(run, step)
+        save(run, step, stopped=stopped)
         print(f"stopped at step {step} of {run.max_steps}; saved a checkpoint in {run.out}. "
               f"Continue with: python train.py --resume {run.out}")
         return 0

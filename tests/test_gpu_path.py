@@ -362,7 +362,7 @@ def test_an_overflowing_step_is_skipped_and_a_clean_one_is_the_fp32_step(numpy_b
 
     _, grads = loss_and_grads(params, config, idx, targets, loss_scale=scaler.scale)
     grads["model.layers.1.mlp.up_proj.weight"][3, 5] = bad
-    norm, stepped = train.apply_update(optimizer, params, grads, 1e-3, 1.0, scaler, 1)
+    (norm, _), stepped = train.apply_update(optimizer, params, grads, 1e-3, 1.0, scaler, 1)
     assert not stepped and not math.isfinite(norm)
     assert scaler.scale == 2.0 ** 9 and scaler.skipped == 1 and optimizer.t == 0
     for name in params:
@@ -373,7 +373,7 @@ def test_an_overflowing_step_is_skipped_and_a_clean_one_is_the_fp32_step(numpy_b
     twin_optimizer = albor.AdamW(twin)
     for _ in range(2):
         _, grads = loss_and_grads(params, config, idx, targets, loss_scale=scaler.scale)
-        norm, stepped = train.apply_update(optimizer, params, grads, 1e-3, 1.0, scaler, 1)
+        (norm, _), stepped = train.apply_update(optimizer, params, grads, 1e-3, 1.0, scaler, 1)
         _, plain = loss_and_grads(twin, config, idx, targets)
         plain_norm = albor.clip_grad_norm(plain, 1.0)
         twin_optimizer.step(twin, plain, lr=1e-3)
@@ -423,7 +423,7 @@ def test_train_step_with_the_loss_scaler(numpy_backend, monkeypatch):
     monkeypatch.setattr(albor, "backward", overflowing_backward)
     scaler = gpu.LossScaler()
     before = {name: p.copy() for name, p in scaled_params.items()}
-    loss, norm, _, stepped = train.train_step(scaled_params, config, optimizer, inputs, targets,
+    loss, (norm, _), _, stepped = train.train_step(scaled_params, config, optimizer, inputs, targets,
                                               1e-3, 1.0, 2, timing, scaler)
     assert math.isfinite(loss) and not math.isfinite(norm) and stepped is False
     assert scaler.scale == 2.0 ** 15 and optimizer.t == 1
@@ -581,7 +581,7 @@ def test_gpu_fp16_training_with_the_loss_scaler():
             before = albor.to_numpy(params["model.norm.weight"]).copy()
             scale = scaler.scale
             loss, grads = loss_and_grads(params, config, idx, targets, loss_scale=scale)
-            norm, stepped = train.apply_update(optimizer, params, grads, 3e-3, 1.0, scaler, 1)
+            (norm, _), stepped = train.apply_update(optimizer, params, grads, 3e-3, 1.0, scaler, 1)
             assert stepped == math.isfinite(norm)
             if not stepped:
                 assert scaler.scale == scale / 2
@@ -604,7 +604,7 @@ def test_gpu_injected_overflow_skips_the_step():
     _, grads = loss_and_grads(params, config, idx, targets, loss_scale=scaler.scale)
     grads["model.embed_tokens.weight"][7, 3] = np.nan
     before = {name: albor.to_numpy(p).tobytes() for name, p in params.items()}
-    norm, stepped = train.apply_update(optimizer, params, grads, 1e-3, 1.0, scaler, 1)
+    (norm, _), stepped = train.apply_update(optimizer, params, grads, 1e-3, 1.0, scaler, 1)
     assert not stepped and math.isnan(norm) and scaler.scale == 2.0 ** 15
     assert {name: albor.to_numpy(p).tobytes() for name, p in params.items()} == before
 
