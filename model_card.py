@@ -431,7 +431,7 @@ def limitations(fm, config):
 def provenance_details(fm):
     prov, data, args = fm["provenance"], fm["data"], fm["args"]
     n = args["seq_len"] + 1
-    skipped = (f"; {prov['skipped_documents']:,} documents skipped (unreadable or not UTF-8)"
+    skipped = (f"; {plural(prov['skipped_documents'], 'document')} skipped (unreadable or not UTF-8)"
                if prov.get("skipped_documents") else "")
     description = (f"Data: {prov['data']}, its documents in sorted order shuffled with seed {args['seed']}; the "
                    f"first {prov['val_rows']:,} are held out for validation, the next {prov['train_rows']:,} are "

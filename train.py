@@ -833,14 +833,15 @@ NOT_REPEATED = ("out", "resume", "save_every", "eval_samples", "eval_only")
 
 
 def reproduce_command(args):
-    """The `python train.py ...` command line that trains this run's weights from scratch:
-    every setting that differs from DEFAULTS (with --init, the model's shape comes from there).
-    Example: {..., "rows": 64, "lr": 0.001} -> "python train.py --rows 64 --lr 0.001"."""
+    """The `python train.py ...` command line that trains this run's weights from scratch: the
+    model and the rows, and every other setting that differs from DEFAULTS (with --init, the
+    model's shape comes from there). Example: the defaults with --lr 0.001 ->
+    "python train.py --config albor-base-50m --rows 500 --lr 0.001"."""
     flags = []
     for name, default in DEFAULTS.items():
         if name in NOT_REPEATED or (name == "config" and args["init"]):
             continue
-        if args[name] != default and args[name] is not None:
+        if (args[name] != default or name in ("config", "rows")) and args[name] is not None:
             flags.append(f"--{name.replace('_', '-')} {shlex.quote(str(args[name]))}")
     return " ".join(["python train.py"] + flags)
 

@@ -12,7 +12,6 @@ import math
 import os
 import re
 import shlex
-import signal
 
 import numpy as np
 import pytest
@@ -24,6 +23,7 @@ import cpu
 import model_card
 import train
 from tests import oracles
+from tests.test_train import interrupt_on_backward_call
 from tokenizer import Tokenizer
 
 SECTIONS = ["Model Details", "Intended Use", "Training Details", "Tokenizer", "FALSIFY predictions",
@@ -332,22 +332,21 @@ def test_the_cards_command_trains_the_same_bytes_again(trained, tmp_path):
     assert f"Expected: `{again}`." in card_of(trained)
 
 
+def test_the_command_names_the_model_the_rows_and_every_changed_setting():
+    args = dict(train.DEFAULTS)
+    assert train.reproduce_command(args) == "python train.py --config albor-base-50m --rows 500"
+    args.update(lr=0.001, data="my code", out="elsewhere", eval_samples=0, save_every=5)
+    assert train.reproduce_command(args) == \
+        "python train.py --config albor-base-50m --data 'my code' --rows 500 --lr 0.001"
+    args.update(init="runs/base")            # the model's shape comes from the checkpoint
+    assert shlex.split(train.reproduce_command(args))[2:] == \
+        ["--data", "my code", "--rows", "500", "--lr", "0.001", "--init", "runs/base"]
+    parsed, _ = train.parse_settings(shlex.split(train.reproduce_command(args))[2:])
+    assert all(parsed[name] == args[name] for name in train.DEFAULTS if name not in train.NOT_REPEATED)
+
+
 # -----------------------------------------------------------------------------
 # stopped, resumed, diverged, evaluated again
-
-
-def interrupt_on_backward_call(monkeypatch, call_number):
-    """Make the call_number-th albor.backward send this process a SIGINT (a Ctrl-C)."""
-    real_backward = albor.backward
-    calls = []
-
-    def backward(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == call_number:
-            signal.raise_signal(signal.SIGINT)
-        return real_backward(*args, **kwargs)
-
-    monkeypatch.setattr(albor, "backward", backward)
 
 
 def test_a_stopped_run_says_so_and_its_resume_updates_the_card(runs, monkeypatch):
@@ -381,21 +380,19 @@ def test_a_stopped_run_says_so_and_its_resume_updates_the_card(runs, monkeypatch
 
 
 def test_a_diverged_run_says_so_on_the_card_of_its_last_good_checkpoint(runs, monkeypatch):
-    real_forward = albor.forward
-    calls = []
+    real_step = train.train_step
 
-    def forward(*args, **kwargs):
-        loss, cache = real_forward(*args, **kwargs)
-        calls.append(1)
-        return (float("nan") if len(calls) >= 5 else loss), cache
+    def train_step(params, config, optimizer, inputs, targets, lr, grad_clip, step, *more):
+        if step == 5:
+            raise train.Diverged("the loss is nan at step 5 (injected)")
+        return real_step(params, config, optimizer, inputs, targets, lr, grad_clip, step, *more)
 
-    monkeypatch.setattr(albor, "forward", forward)
+    monkeypatch.setattr(train, "train_step", train_step)
     out = runs / "nan"
     with pytest.raises(SystemExit, match="the loss is nan at step 5"):
-        train.main([str(a) for a in TINY + ["--grad-accum", "1", "--max-steps", "8", "--save-every", "2",
-                                            "--out", out]])
+        train.main([str(a) for a in TINY + ["--max-steps", "8", "--save-every", "2", "--out", out]])
     card = card_of(out)
-    assert ("**Stopped: diverged** (the loss is nan at step 5 (micro-batch 1 of 1)). This folder keeps the "
+    assert ("**Stopped: diverged** (the loss is nan at step 5 (injected)). This folder keeps the "
             "last good checkpoint, step 4 of 8") in card
     assert read_json(out, "final_model.json")["status"]["state"] == "diverged"
     assert model_card.render(read_json(out, "final_model.json"), checkpoint.load_config(out)) == card
