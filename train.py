@@ -32,12 +32,18 @@ What a run does, in the order of the sections below:
 The run folder (--out, default checkpoints/<config>):
     model.safetensors, config.json, tokenizer.json   a Hugging Face LlamaForCausalLM folder
     optimizer.safetensors, trainer_state.json        what --resume needs
-    metrics.jsonl                                    one JSON line per optimizer step
     final_model.json                                 losses, parse rate, timing and provenance of the run
     README.md                                        the model card (model_card.py), from final_model.json
+    metrics.jsonl                                    one JSON line per optimizer step
+A save commits all of the checkpoint's files (all but metrics.jsonl) as one unit, the previous
+checkpoint whole until then (checkpoint.py). A run locks its folder, and a new run refuses a
+folder that holds another run's checkpoint unless --overwrite.
 
-Ctrl-C stops after the current step and saves a checkpoint that --resume
-continues exactly (same final weights, byte for byte, as a run never stopped).
+Ctrl-C, SIGTERM or SIGHUP stops after the current step and saves a checkpoint that --resume
+continues exactly (same final weights, byte for byte, as a run never stopped). At the end the
+checkpoint is committed before the evaluation, so a stop there loses no training either. A
+second signal quits at once (once a save in progress is committed); a kill loses only the steps
+since the last save (--save-every).
 """
 import argparse
 import contextlib
@@ -51,6 +57,7 @@ import sys
 import sysconfig
 import threading
 import time
+import warnings
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -69,8 +76,6 @@ from tokenizer import EOT_ID, PAD_ID, Tokenizer  # noqa: E402
 
 TOKENIZER_LINES = 100_000     # a tokenizer trained here sees the corpus's first 100K lines
 TOKENIZER_MIN_FREQUENCY = 1   # merge down to pairs seen once: fills all 32,768 ids from those lines
-PREFIX_CHARS_PER_TOKEN = 32   # a row needs only a document's first tokens: encode a prefix this
-                              # many characters per token long (cut at a line end), not the whole file
 TRAINER_STATE = "trainer_state.json"
 FINAL_MODEL = "final_model.json"
 METRICS = "metrics.jsonl"
@@ -89,10 +94,13 @@ DEFAULTS = {   # the model card's run
     "batch_size": 4, "grad_accum": 4, "max_steps": None, "lr": 6e-4, "min_lr": None,
     "warmup": None, "beta1": 0.9, "beta2": 0.95, "eps": 1e-8, "weight_decay": 0.1,
     "grad_clip": 1.0, "seed": 0, "out": None, "resume": None, "init": None, "tokenizer": None,
-    "save_every": 0, "eval_samples": 8, "eval_only": False, "dtype": "fp32",
+    "save_every": 0, "eval_samples": 8, "eval_only": False, "dtype": "fp32", "overwrite": False,
 }
 # With --resume these define the rows a step reads; changing them would not continue the run.
 DATA_SETTINGS = ("data", "rows", "val_rows", "seq_len", "seed")
+# What one command asks for, never taken over from the run it resumes.
+THIS_COMMAND_ONLY = ("resume", "init", "out", "tokenizer", "eval_only", "overwrite")
+PATH_SETTINGS = ("data", "out", "resume", "init", "tokenizer")
 
 FLAGS = [   # (flag, help, argparse options), in --help's order
     ("--config", f"model preset: {', '.join(albor.PRESETS)}; with --resume/--init the model's "
@@ -142,7 +150,13 @@ FLAGS = [   # (flag, help, argparse options), in --help's order
     ("--dtype", "precision of the matmuls, GPU only: fp32, tf32, bf16 or fp16 (fp16 with dynamic "
                 "loss scaling); weights, optimizer state and all other layers stay float32",
      dict(choices=gpu.MATMUL_DTYPES)),
+    ("--overwrite", "let a new run replace the checkpoint of another run in --out (without it, "
+                    "such a folder is refused; the old checkpoint stays until this run's first save)",
+     dict(action="store_true")),
 ]
+# The type of each setting's value (None is also allowed where the default is None).
+SETTING_TYPES = {name.lstrip("-").replace("-", "_"): options.get("type", bool if "action" in options else str)
+                 for name, _, options in FLAGS}
 
 
 def build_parser():
@@ -173,6 +187,33 @@ def parse_settings(argv):
     given = vars(parser.parse_args(argv))
     args = {**DEFAULTS, **given}
     checks = [
+        (not args["eval_only"] or args["resume"], "--eval-only needs --resume DIR (the checkpoint to evaluate)"),
+        (args["config"] in albor.PRESETS, f"--config {args['config']!r} is not a preset; "
+                                          f"choose from {', '.join(albor.PRESETS)}"),
+        (not (args["resume"] and args["init"]), "--resume and --init exclude each other"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            parser.error(message)
+    problem = settings_problem(args)
+    if problem:
+        parser.error(problem)
+    return args, set(given)
+
+
+def settings_problem(args):
+    """The first problem with the values of a settings dict (the flags given, or the settings a
+    trainer_state.json saved), as a message naming the flag; None if there is none."""
+    for name in ("lr", "min_lr", "beta1", "beta2", "eps", "weight_decay", "grad_clip"):
+        if args[name] is not None and not math.isfinite(args[name]):
+            return f"--{name.replace('_', '-')} must be a finite number"
+    for name in PATH_SETTINGS:
+        if args[name] == "":
+            return f"--{name} is empty (leave it out for the default)"
+    for name, kind in SETTING_TYPES.items():
+        if kind is int and args[name] is not None and abs(args[name]) >= 2**63:
+            return f"--{name.replace('_', '-')} is out of range (a 64-bit int)"
+    checks = [
         (args["rows"] >= 1, "--rows must be at least 1"),
         (args["val_rows"] >= 0, "--val-rows must be 0 or more"),
         (args["seq_len"] >= 1, "--seq-len must be at least 1"),
@@ -187,32 +228,52 @@ def parse_settings(argv):
         (args["eps"] > 0, "--eps must be positive"),
         (args["weight_decay"] >= 0, "--weight-decay must be 0 or more"),
         (args["grad_clip"] >= 0, "--grad-clip must be 0 or more"),
+        (args["seed"] >= 0, "--seed must be 0 or more"),
         (args["save_every"] >= 0, "--save-every must be 0 or more"),
         (args["eval_samples"] >= 0, "--eval-samples must be 0 or more"),
-        (not args["eval_only"] or args["resume"], "--eval-only needs --resume DIR (the checkpoint to evaluate)"),
-        (args["config"] in albor.PRESETS, f"--config {args['config']!r} is not a preset; "
-                                          f"choose from {', '.join(albor.PRESETS)}"),
-        (not (args["resume"] and args["init"]), "--resume and --init exclude each other"),
+        (args["dtype"] in gpu.MATMUL_DTYPES, f"--dtype must be one of {', '.join(gpu.MATMUL_DTYPES)}"),
         (args["dtype"] == "fp32" or albor.BACKEND == "cupy",
          f"--dtype {args['dtype']} needs a GPU (albor runs on {albor.BACKEND}, which computes in fp32 only)"),
     ]
-    for ok, message in checks:
+    return next((message for ok, message in checks if not ok), None)
+
+
+def is_number(value, kind=float):
+    """Whether value is a JSON number of this kind (an int also counts as a float; a bool never)."""
+    return isinstance(value, int if kind is int else (int, float)) and not isinstance(value, bool)
+
+
+def read_trainer_state(folder):
+    """folder's trainer_state.json, checked: {"step": int >= 0, "args": the run's settings, each
+    of its flag's type, "loss_curve": [numbers], "timing": {name: number}, "provenance": {...},
+    "loss_scaler": null or {"scale": number, ...}}. A RunError names the file and the field."""
+    path = os.path.join(folder, TRAINER_STATE)
+    state = checkpoint.read_json(path, "the saved run's state")
+
+    def require(ok, what):
         if not ok:
-            parser.error(message)
-    for name in ("lr", "min_lr", "beta1", "beta2", "eps", "weight_decay", "grad_clip"):
-        if args[name] is not None and not math.isfinite(args[name]):
-            parser.error(f"--{name.replace('_', '-')} must be a finite number")
-    return args, set(given)
+            raise RunError(f"{path}: {what}")
 
-
-def read_json(path, what):
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except FileNotFoundError:
-        raise RunError(f"{path}: file not found ({what})") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise RunError(f"{path}: cannot read {what}: {e}") from None
+    require(isinstance(state, dict), f"expected a JSON object, got {type(state).__name__}")
+    step = state.get("step")
+    require(is_number(step, int) and step >= 0, f"step must be an int >= 0, got {step!r}"[:200])
+    require(isinstance(state.get("args"), dict), "args must be an object of the run's settings")
+    for name, value in state["args"].items():
+        kind = SETTING_TYPES.get(name)
+        ok = kind is None or (value is None and DEFAULTS[name] is None) or (
+            is_number(value, kind) if kind in (int, float) else isinstance(value, kind))
+        require(ok, f"args.{name} must be {'an int' if kind is int else f'a {kind.__name__}'}, "
+                    f"got {value!r}"[:200])
+    curve, timing = state.get("loss_curve", []), state.get("timing", {})
+    require(isinstance(curve, list) and all(map(is_number, curve)), "loss_curve must be a list of numbers")
+    require(isinstance(timing, dict) and all(v is None or is_number(v) for v in timing.values()),
+            "timing must map names to numbers")
+    require(isinstance(state.get("provenance", {}), dict), "provenance must be an object")
+    scaler = state.get("loss_scaler")
+    require(scaler is None or (isinstance(scaler, dict) and is_number(scaler.get("scale")) and
+                               all(is_number(scaler.get(key), int) for key in ("good_steps", "skipped"))),
+            "loss_scaler must be null or an object of scale, good_steps and skipped")
+    return state
 
 
 def merge_resumed_settings(args, given):
@@ -221,24 +282,25 @@ def merge_resumed_settings(args, given):
     Flags that decide which rows a step reads (DATA_SETTINGS) cannot change: that
     would not be the same run any more (start a new one from the weights with --init).
     """
-    state = read_json(os.path.join(args["resume"], TRAINER_STATE), "the saved run's state")
-    saved = state.get("args")
-    if not isinstance(saved, dict) or "step" not in state:
-        raise RunError(f"{os.path.join(args['resume'], TRAINER_STATE)}: not a trainer state (no args/step)")
+    state = read_trainer_state(args["resume"])
+    saved = state["args"]
     for name in DATA_SETTINGS:
         if name in given and args[name] != saved.get(name):
             raise RunError(f"--{name.replace('_', '-')} {args[name]} differs from the resumed run's "
                            f"{saved.get(name)}: --resume continues that run on its data "
                            "(use --init to train these weights on other data)")
-    merged = {**DEFAULTS, **saved}
+    merged = {**DEFAULTS, **{name: value for name, value in saved.items() if name in DEFAULTS}}
     for name in given:
         if name not in DATA_SETTINGS and merged.get(name) != args[name]:
-            if name not in ("resume", "out", "config", "tokenizer", "eval_only") and name in saved:
+            if name not in THIS_COMMAND_ONLY + ("config",) and name in saved:
                 print(f"note: --{name.replace('_', '-')} {args[name]} (the saved run had {saved[name]})")
             merged[name] = args[name]
-    merged["resume"] = args["resume"]
-    merged["init"] = None
+    for name in THIS_COMMAND_ONLY:   # e.g. the saved run's --tokenizer file may have moved since: the
+        merged[name] = args[name]    # checkpoint's own tokenizer.json is used unless one is given now
     merged["out"] = args["out"] if "out" in given else args["resume"]
+    problem = settings_problem(merged)
+    if problem:
+        raise RunError(f"{os.path.join(args['resume'], TRAINER_STATE)}: the saved settings: {problem}")
     return merged, state
 
 
@@ -296,23 +358,16 @@ class Corpus:
         self.description = str(path)
         if path.is_dir():
             self.items = sorted(p for p in path.rglob("*") if p.is_file())
+        elif not path.exists():
+            raise RunError(f"--data {data}: no such file or folder")
         elif path.suffix == ".jsonl":
-            self.items = []
-            for line in self._read_text(path).splitlines():
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                    self.items.append(record["text"] if isinstance(record["text"], str) else None)
-                except (json.JSONDecodeError, KeyError, TypeError):
-                    self.items.append(None)
+            lines = self._read_text(path).splitlines()
+            self.items = [self._jsonl_text(line) for line in lines if line.strip()]
         elif path.suffix == ".txt":
             text = self._read_text(path)
             self.items = [block for block in text.replace("\r\n", "\n").split("\n\n") if block.strip()]
-        elif path.exists():
-            raise RunError(f"--data {data}: expected a folder, a .txt or a .jsonl file")
         else:
-            raise RunError(f"--data {data}: no such file or folder")
+            raise RunError(f"--data {data}: expected a folder, a .txt or a .jsonl file")
 
     @staticmethod
     def _read_text(path):
@@ -320,6 +375,17 @@ class Corpus:
             return path.read_bytes().decode("utf-8")
         except (OSError, UnicodeDecodeError) as e:
             raise RunError(f"--data {path}: cannot read it as UTF-8 text ({type(e).__name__})") from None
+
+    @staticmethod
+    def _jsonl_text(line):
+        """The "text" of a .jsonl line, or None if it has none that is Unicode text: JSON can
+        spell a lone surrogate ("\\ud800"), which no UTF-8 text holds."""
+        try:
+            text = json.loads(line)["text"]
+            text.encode("utf-8")
+            return text
+        except (ValueError, KeyError, TypeError, AttributeError, RecursionError):  # ValueError: also
+            return None                                    # not JSON, and UnicodeEncodeError
 
     def read(self, index):
         """Document `index` as a str, or None if it cannot be used (counted in self.skipped)."""
@@ -379,19 +445,11 @@ def encode_row(tok, text, seq_len):
     """A document as one row of seq_len + 1 ids: its first tokens, <|endoftext|>, then padding.
 
     Example (seq_len 7, "x = 1\\n" as 4 tokens a b c d): [a, b, c, d, EOT, PAD, PAD, PAD].
-    Only the first seq_len + 1 tokens are kept, so only a prefix of a long document
-    is encoded (cut at a line end far beyond them: encoding splits text into pieces
-    that are encoded independently, so the kept tokens are the same).
+    Only the first seq_len + 1 tokens are kept, so only as much of a document as they need is
+    encoded (Tokenizer.encode's max_tokens): a row of a 50 MB file reads its first kilobytes.
     """
     n = seq_len + 1
-    prefix = text
-    if len(text) > PREFIX_CHARS_PER_TOKEN * n:
-        line_end = text.rfind("\n", 0, PREFIX_CHARS_PER_TOKEN * n)
-        prefix = text[:line_end + 1] if line_end > 0 else text[:PREFIX_CHARS_PER_TOKEN * n]
-    ids = tok.encode(prefix)
-    if len(ids) < n and len(prefix) < len(text):
-        ids = tok.encode(text)                     # the prefix was not enough: the whole document
-    ids = (ids + [EOT_ID])[:n]
+    ids = (tok.encode(text, max_tokens=n) + [EOT_ID])[:n]
     return ids + [PAD_ID] * (n - len(ids))
 
 
@@ -466,16 +524,13 @@ def get_tokenizer(args, config, corpus, source_folder):
             path.parent.mkdir(parents=True, exist_ok=True)
             checkpoint.atomic_write_bytes(path, tokenizer_bytes(tok))
             origin = f"{path} (trained in {time.perf_counter() - started:.1f} s)"
-    try:
-        data = path.read_bytes()
-    except OSError as e:
-        raise RunError(f"{path}: cannot read the tokenizer ({e.strerror})") from None
-    if source_folder and not args["tokenizer"]:
-        trained_on = recorded_training(source_folder, sha256_hex(data))
+    data = read_bytes(path, "the tokenizer")
     try:
         tok = Tokenizer.load(path, max_vocab_size=config.vocab_size)
     except ValueError as e:
         raise RunError(str(e).splitlines()[0]) from None
+    if source_folder and not args["tokenizer"]:
+        trained_on = recorded_training(source_folder, sha256_hex(data))
     return tok, data, origin, trained_on
 
 
@@ -487,6 +542,13 @@ def recorded_training(folder, tokenizer_sha256):
     except (OSError, ValueError, AttributeError):
         return None
     return saved.get("trained_on") if saved.get("sha256") == tokenizer_sha256 else None
+
+
+def read_bytes(path, what):
+    try:
+        return Path(path).read_bytes()
+    except OSError as e:
+        raise RunError(f"{path}: cannot read {what} ({e.strerror or e})") from None
 
 
 def tokenizer_bytes(tok):
@@ -607,20 +669,27 @@ def parse_eval(params, config, tok, val_texts, args):
 #   args, config, config_name, out, state (the resumed run's trainer_state, or None),
 #   corpus, tok, tok_data, tok_origin, val_texts, train_inputs/targets, val_inputs/targets,
 #   max_steps, warmup, min_lr, steps_per_pass, tokens_per_step, provenance,
-#   params, optimizer, scaler, workers, start_step, loss_curve, timing, last_saved.
+#   params, optimizer, scaler, workers, start_step, loss_curve, timing, resumed_here (--out is the
+#   --resume folder), last_saved (the step of this run's checkpoint in --out), stop (a StopRequest).
 
 
-def setup(args, given):
-    """Everything the loop needs, from the settings: model shape, data, tokenizer, weights."""
-    run = SimpleNamespace(args=args, state=None)
+def setup(args, given, held):
+    """Everything the loop needs, from the settings: the run folder, model shape, data, tokenizer,
+    weights. held (a contextlib.ExitStack) keeps the folders' locks until the run ends."""
+    run = SimpleNamespace(args=args, state=None, last_saved=None)
     source_folder = args["resume"] or args["init"]
     if args["resume"]:
+        if not os.path.isdir(args["resume"]):
+            raise RunError(f"--resume {args['resume']}: no such folder")
+        # locked: no other run saves into it meanwhile; a save a kill cut short is finished first
+        held.enter_context(checkpoint.lock(args["resume"]))
         run.args, run.state = merge_resumed_settings(args, given)
     run.config, run.config_name = model_config(run.args, given, source_folder)
     run.args["config"] = run.config_name
     if run.args["out"] is None:
         run.args["out"] = os.path.join("checkpoints", run.config_name)
     run.out = run.args["out"]
+    claim_folder(run, held)
     if run.args["seq_len"] > run.config.max_position_embeddings:
         raise RunError(f"--seq-len {run.args['seq_len']} exceeds the model's max_position_embeddings "
                        f"{run.config.max_position_embeddings}")
@@ -628,6 +697,26 @@ def setup(args, given):
     load_weights(run)
     run.resumes, run.reproduce = resume_history(run)
     return run
+
+
+def claim_folder(run, held):
+    """Make the run folder (--out) this run's: create it, lock it until the run ends (a second
+    run on it stops with an error), and refuse it if it holds another run's checkpoint, unless
+    --overwrite. Nothing in it is changed here."""
+    out, resume = run.out, run.args["resume"]
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise RunError(f"--out {out} is a file, not a folder")
+    try:
+        os.makedirs(out, exist_ok=True)
+    except OSError as e:
+        raise RunError(f"--out {out}: cannot create the folder ({e.strerror or e})") from None
+    run.resumed_here = bool(resume) and os.path.samefile(out, resume)
+    if run.resumed_here:
+        return   # locked already
+    held.enter_context(checkpoint.lock(out))
+    if checkpoint.holds_checkpoint(out) and not run.args["overwrite"]:
+        raise RunError(f"{out} holds the checkpoint of another run: continue it with --resume {out}, "
+                       "choose another --out, or pass --overwrite to replace it")
 
 
 def model_config(args, given, source_folder):
@@ -649,7 +738,7 @@ def load_data(run, source_folder):
     run.tok, run.tok_data, run.tok_origin, run.tok_trained_on = get_tokenizer(args, config, run.corpus,
                                                                              source_folder)
     if args["resume"] and args["tokenizer"]:
-        saved_tok = (Path(args["resume"]) / TOKENIZER_FILE).read_bytes()
+        saved_tok = read_bytes(Path(args["resume"]) / TOKENIZER_FILE, "the resumed run's tokenizer")
         if sha256_hex(saved_tok) != sha256_hex(run.tok_data):
             raise RunError(f"--tokenizer {args['tokenizer']} is not the tokenizer of the resumed run "
                            f"({os.path.join(args['resume'], TOKENIZER_FILE)})")
@@ -691,7 +780,7 @@ def load_weights(run):
         run.optimizer.beta1, run.optimizer.beta2 = args["beta1"], args["beta2"]
         run.optimizer.eps, run.optimizer.weight_decay = args["eps"], args["weight_decay"]
         run.loss_curve = list(state.get("loss_curve", []))[:run.start_step]
-        run.timing = dict(state.get("timing", {}))
+        run.timing = {key: value for key, value in state.get("timing", {}).items() if value is not None}
     else:
         if args["init"]:
             _, run.params, _ = checkpoint.load_checkpoint(args["init"])
@@ -699,6 +788,7 @@ def load_weights(run):
             run.params = albor.init_params(run.config, seed=args["seed"])
         run.optimizer = cpu.FastAdamW(run.params, betas=(args["beta1"], args["beta2"]), eps=args["eps"],
                                       weight_decay=args["weight_decay"])
+    run.last_saved = run.start_step if run.resumed_here else None   # the checkpoint in --out
     gpu.configure(matmul_dtype=args["dtype"])   # fp32 unless --dtype (GPU only)
     run.scaler = gpu.LossScaler() if args["dtype"] == "fp16" else None
     if run.scaler and state and state.get("loss_scaler"):
@@ -727,55 +817,84 @@ def print_setup(run):
         print(f"note: the run is already at step {run.start_step} of {run.max_steps}; nothing to train")
 
 
-def read_metrics(folder, last_step):
-    """[(line, record)] of folder's metrics.jsonl up to step last_step ([] if it has none)."""
+def start_metrics_log(run):
+    """metrics.jsonl in the run folder: the resumed run's lines up to its step, then ours."""
+    old_lines = read_metrics(run.args["resume"], run.start_step) if run.args["resume"] else []
+    path = os.path.join(run.out, METRICS)
+    if os.path.isdir(path):
+        raise RunError(f"{path}: a folder is in the place of the metrics file")
+    try:
+        checkpoint.atomic_write_bytes(path, "".join(old_lines).encode("utf-8"))
+    except OSError as e:
+        raise RunError(f"{path}: cannot write it ({e.strerror or e})") from None
+
+
+def read_metrics(folder, up_to_step):
+    """The lines of folder's metrics.jsonl (if it has one) for steps up to up_to_step, checked:
+    each a JSON object with an int "step". A last line without its newline (a kill cut it) is
+    dropped."""
     path = os.path.join(folder, METRICS)
     if not os.path.exists(path):
         return []
-    lines = []
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            try:
-                record = json.loads(line)
-                if record["step"] <= last_step:
-                    lines.append((line if line.endswith("\n") else line + "\n", record))
-            except (json.JSONDecodeError, KeyError, TypeError):
-                pass   # a line cut by a crash
-    return lines
+    try:
+        lines = read_bytes(path, "the metrics").decode("utf-8").splitlines(keepends=True)
+    except UnicodeDecodeError as e:
+        raise RunError(f"{path}: not UTF-8 text (byte {e.start})") from None
+    if lines and not lines[-1].endswith("\n"):
+        lines.pop()
+    kept = []
+    for number, line in enumerate(lines, 1):
+        try:
+            record = json.loads(line)
+        except (ValueError, RecursionError):
+            record = None
+        if not (isinstance(record, dict) and is_number(record.get("step"), int)):
+            raise RunError(f"{path}: line {number} is not a JSON object with an int \"step\"")
+        if record["step"] <= up_to_step:
+            kept.append(line)
+    return kept
 
 
-def start_metrics_log(run):
-    """metrics.jsonl in the run folder: the resumed run's lines up to its step, then ours."""
-    os.makedirs(run.out, exist_ok=True)
-    old_lines = read_metrics(run.args["resume"], run.start_step) if run.args["resume"] else []
-    checkpoint.atomic_write_bytes(os.path.join(run.out, METRICS),
-                                  "".join(line for line, _ in old_lines).encode("utf-8"))
-    same_folder = run.args["resume"] and os.path.abspath(run.out) == os.path.abspath(run.args["resume"])
-    run.last_saved = run.start_step if same_folder else None
-
-
-def save(run, step, val_loss=None, finished=False, parse=None, stopped=None):
-    """Write the checkpoint (atomically) for the state after `step` optimizer steps, with its
-    model card; stopped: why the run stops early (None: finished, or a --save-every save)."""
+def save(run, step, finished=False):
+    """Commit the checkpoint of the state after `step` optimizer steps: all its files as one unit
+    (checkpoint.commit_files). A stop signal meanwhile waits until it is committed."""
     save_start = time.perf_counter()
-    curve, timing = run.loss_curve, run.timing
-    trainer_state = {"step": step, "args": run.args, "loss_curve": curve, "timing": timing,
+    trainer_state = {"step": step, "args": run.args, "loss_curve": run.loss_curve, "timing": run.timing,
                      "provenance": run.provenance, "resumes": run.resumes, "reproduce": run.reproduce,
                      "loss_scaler": run.scaler.state() if run.scaler else None}
-    final_model = run_summary(run, step, run.out, val_loss, parse, finished)
-    final_model["status"] = {"state": "finished" if finished else "stopped" if stopped else "in progress",
-                             "step": step, "max_steps": run.max_steps, "reason": stopped}
     extra = {TOKENIZER_FILE: run.tok_data,
              TRAINER_STATE: (json.dumps(trainer_state, indent=1) + "\n").encode(),
-             FINAL_MODEL: (json.dumps(final_model, indent=1) + "\n").encode(),
-             model_card.CARD_FILE: model_card.render(final_model, run.config).encode("utf-8")}
-    checkpoint.save_checkpoint(run.out, run.config, run.params, run.optimizer, step=step,
-                               extra_files=extra)
-    run.last_saved, run.last_final_model = step, final_model
-    timing["save_seconds"] = timing.get("save_seconds", 0.0) + time.perf_counter() - save_start
+             **summary_files(run, step, finished)}
+    with run.stop.saving():
+        try:
+            checkpoint.save_checkpoint(run.out, run.config, run.params, run.optimizer, step=step,
+                                       extra_files=extra)
+        except checkpoint.CheckpointError as e:   # e.g. the disk is full
+            raise RunError(f"{e}; {kept(run)}") from None
+        run.last_saved = step
+    run.timing["save_seconds"] = run.timing.get("save_seconds", 0.0) + time.perf_counter() - save_start
 
 
-def run_summary(run, step, folder, val_loss=None, parse=None, finished=False):
+def summary_files(run, step, finished, val_loss=None, parse=None):
+    """The files that sum the run up ({name: bytes}): final_model.json and the model card made
+    from it, README.md. Each save writes them with the checkpoint; the end of the run commits
+    them again with the evaluation's results."""
+    final_model = run_summary(run, step, run.out, finished, val_loss, parse)
+    stopped = None if finished else run.stop.requested   # the stop signal's name, if one came
+    final_model["status"] = {"state": "finished" if finished else "stopped" if stopped else "in progress",
+                             "step": step, "max_steps": run.max_steps,
+                             "reason": StopRequest.REASONS.get(stopped, stopped) if stopped else None}
+    run.last_final_model = final_model
+    return card_files(final_model, run.config)
+
+
+def card_files(final_model, config):
+    """{final_model.json: its bytes, README.md: the model card rendered from it}."""
+    return {FINAL_MODEL: (json.dumps(final_model, indent=1) + "\n").encode(),
+            model_card.CARD_FILE: model_card.render(final_model, config).encode("utf-8")}
+
+
+def run_summary(run, step, folder, finished, val_loss=None, parse=None):
     """final_model.json (without its "status"): the figures of the run after `step` steps, whose
     checkpoint lies in `folder`: losses, evaluation, timing, provenance, and the card's facts."""
     curve = run.loss_curve
@@ -796,12 +915,12 @@ def card_facts(run, step, folder):
     """What the model card reports beyond the losses, measured: the parameters counted in the
     weights, the weights' SHA-256 (as saved in `folder` at this step), the tokens counted in the
     rows and in folder's metrics log, the machine, and the FALSIFY verdicts (model_card.py)."""
-    records = [record for _, record in read_metrics(folder, step)]
+    records = [json.loads(line) for line in read_metrics(folder, step)]
     sha256, size = checkpoint.safetensors_digest(run.params, checkpoint.model_metadata(step))
     return {
         "parameters": sum(int(p.size) for p in run.params.values()),
         "model_file": {"folder": folder, "name": checkpoint.CHECKPOINT_MODEL, "sha256": sha256, "bytes": size},
-        "tokens_seen": sum(record["valid_tokens"] for record in records),
+        "tokens_seen": sum(record.get("valid_tokens", 0) for record in records),
         "data": data_facts(run),
         "tokenizer": {"vocab_size": run.tok.vocab_size, "merges": len(run.tok.merges),
                       "source": run.tok_origin, "trained_on": run.tok_trained_on,
@@ -829,7 +948,7 @@ def data_facts(run):
 
 # The flags a command that trains these weights again must repeat: all but where the run is
 # written, how it is evaluated, and --resume (its settings are the run's own).
-NOT_REPEATED = ("out", "resume", "save_every", "eval_samples", "eval_only")
+NOT_REPEATED = ("out", "resume", "save_every", "eval_samples", "eval_only", "overwrite")
 
 
 def reproduce_command(args):
@@ -853,44 +972,106 @@ def resume_history(run):
     state, args = run.state or {}, run.args
     if not args["resume"]:
         return [], reproduce_command(args)
-    resumes, command = list(state.get("resumes", [])), state.get("reproduce", reproduce_command(state["args"]))
+    saved = {**DEFAULTS, **state["args"]}
+    resumes, command = list(state.get("resumes", [])), state.get("reproduce", reproduce_command(saved))
     if not args["eval_only"]:
-        saved = state["args"]
-        changed = {name: [saved.get(name), args[name]] for name in DEFAULTS
-                   if name not in NOT_REPEATED + ("init", "tokenizer") and saved.get(name) != args[name]}
+        changed = {name: [saved[name], args[name]] for name in DEFAULTS
+                   if name not in NOT_REPEATED + ("init", "tokenizer") and saved[name] != args[name]}
         resumes.append({"step": run.start_step, "from": args["resume"], "changed": changed})
         command = None if changed else command
     return resumes, command
 
 
+def kept(run, what="checkpoint"):
+    """What is on disk after a stop or an error, as the end of a message."""
+    if run is None or run.last_saved is None:
+        return "no checkpoint of this run was saved"
+    return f"the last {what} (step {run.last_saved}) is in {run.out}"
+
+
 class StopRequest:
-    """Ctrl-C: the first one lets the current step finish, then the run saves a
-    resumable checkpoint and exits; a second one quits at once (the last saved
-    checkpoint stays as it was: saves are atomic)."""
+    """What a stop signal does: Ctrl-C (SIGINT), SIGTERM (kill, timeout, docker stop, a SLURM
+    preemption) and SIGHUP (the terminal closed) all ask the run to stop, the same way.
+
+    While training (at_once False) the first signal lets the current step finish; the run then
+    commits a checkpoint that --resume continues exactly, and exits. Before training (nothing to
+    save yet) and during the end-of-run evaluation (its checkpoint is committed already) a signal
+    stops at once: KeyboardInterrupt. A second signal quits at once too, except during a save:
+    that is finished first (seconds), so the newest checkpoint written is the one kept.
+    A signal that was ignored when the run started (nohup ignores SIGHUP) stays ignored.
+    """
+    SIGNALS = ("SIGINT", "SIGTERM", "SIGHUP")
+    REASONS = {"SIGINT": "Ctrl-C (SIGINT)", "SIGTERM": "SIGTERM (a kill, timeout, docker stop or a preemption)",
+               "SIGHUP": "SIGHUP (the terminal closed)"}   # the model card's words for them
 
     def __init__(self):
-        self.requested = False
-        self.reason = None   # why the run stops early, for the model card
+        self.requested = None       # the first signal's name
+        self.at_once = True
+        self.in_save = False
+        self.quit_after_save = False
+        self.previous = {}
 
     def __call__(self, signum, frame):
-        if self.requested:
+        name = signal.Signals(signum).name
+        if name == "SIGHUP":
+            self.silence_lost_terminal()
+        if self.requested is None and not self.at_once:
+            self.requested = name
+            self.say(f"{name}: stopping after this step and saving a checkpoint (again: quit at once)")
+            return
+        self.requested = self.requested or name
+        if self.in_save:
+            self.quit_after_save = True
+            self.say(f"{name}: quitting once the checkpoint being saved is committed")
+            return
+        raise KeyboardInterrupt
+
+    @contextlib.contextmanager
+    def saving(self):
+        """A save runs in this block: a stop signal waits until it has ended."""
+        self.in_save = True
+        try:
+            yield
+        finally:
+            self.in_save = False
+        if self.quit_after_save:
             raise KeyboardInterrupt
-        self.requested = True
-        self.reason = "Ctrl-C (SIGINT)" if signum == signal.SIGINT else signal.Signals(signum).name
-        tqdm.write("Ctrl-C: stopping after this step and saving a checkpoint "
-                   "(press Ctrl-C again to quit without saving)")
+
+    def __enter__(self):
+        """Install the handler (in the main thread only: Python runs handlers there)."""
+        if threading.current_thread() is threading.main_thread():
+            self.terminals = [fd for fd in (1, 2) if os.isatty(fd)]
+            for name in self.SIGNALS:
+                signum = getattr(signal, name, None)   # Windows has no SIGHUP
+                if signum is not None and signal.getsignal(signum) is not signal.SIG_IGN:
+                    self.previous[signum] = signal.signal(signum, self)
+        return self
+
+    def __exit__(self, *exc):
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
+
+    def silence_lost_terminal(self):
+        """After a hang-up the terminal is gone and writing to it fails: send what was going
+        there to /dev/null instead (a terminal that is still there stays)."""
+        for fd in getattr(self, "terminals", []):
+            if not os.isatty(fd):
+                devnull = os.open(os.devnull, os.O_WRONLY)
+                os.dup2(devnull, fd)
+                os.close(devnull)
+
+    @staticmethod
+    def say(message):
+        with contextlib.suppress(OSError):
+            tqdm.write(message)
 
 
 def train_loop(run):
-    """Steps from run.start_step until max_steps or a Ctrl-C; returns (last step, why it stopped
-    early: None when it did not)."""
+    """Steps from run.start_step until max_steps or a stop signal; returns the last step."""
     for key in ("train_seconds", "forward_seconds", "backward_seconds", "optimizer_seconds",
                 "attention_seconds", "other_layers_seconds", "data_seconds"):
         run.timing.setdefault(key, 0.0)
     run.timing["data_seconds"] += run.data_seconds
-    stop = StopRequest()
-    in_main_thread = threading.current_thread() is threading.main_thread()
-    previous_handler = signal.signal(signal.SIGINT, stop) if in_main_thread else None
     # a layer clock on the CPU only: on a GPU it would have to wait for every layer
     layer_clock = cpu.LayerClock() if albor.BACKEND == "numpy" else None
     step = run.start_step
@@ -898,7 +1079,7 @@ def train_loop(run):
     try:
         with layer_clock or contextlib.nullcontext(), \
                 open(os.path.join(run.out, METRICS), "a", encoding="utf-8") as metrics:
-            while step < run.max_steps and not stop.requested:
+            while step < run.max_steps and not run.stop.requested:
                 step += 1
                 record = one_step(run, step, layer_clock)
                 metrics.write(json.dumps(record) + "\n")
@@ -909,32 +1090,22 @@ def train_loop(run):
                 if run.args["save_every"] and step % run.args["save_every"] == 0 and step < run.max_steps:
                     save(run, step)
     except Diverged as e:
-        kept = (f"the last good checkpoint (step {run.last_saved}) stays in {run.out}"
-                if run.last_saved is not None else f"no checkpoint of this run was saved ({run.out} is left as it was)")
         mark_diverged(run, str(e))
-        raise RunError(f"{e}; stopping: {kept}") from None
-    except KeyboardInterrupt:
-        kept = (f"the last checkpoint (step {run.last_saved}) stays in {run.out}"
-                if run.last_saved is not None else "nothing was saved")
-        raise SystemExit(f"train.py: interrupted; {kept}") from None
+        raise RunError(f"{e}; stopping: {kept(run, 'good checkpoint')}") from None
     finally:
         bar.close()
-        if in_main_thread:
-            signal.signal(signal.SIGINT, previous_handler)
-    return step, stop.reason if stop.requested and step < run.max_steps else None
+    return step
 
 
 def mark_diverged(run, reason):
     """After a non-finite loss or gradient: the card of the last checkpoint this process saved
-    says the run diverged, and why (that checkpoint itself stays as it was)."""
+    says the run diverged, and why (the checkpoint itself stays as it was)."""
     final_model = getattr(run, "last_final_model", None)
-    if final_model is None:
+    if final_model is None or run.last_saved is None:
         return
     final_model["status"] = dict(final_model["status"], state="diverged", reason=reason)
-    checkpoint.atomic_write_bytes(os.path.join(run.out, FINAL_MODEL),
-                                  (json.dumps(final_model, indent=1) + "\n").encode())
-    checkpoint.atomic_write_bytes(os.path.join(run.out, model_card.CARD_FILE),
-                                  model_card.render(final_model, run.config).encode("utf-8"))
+    with run.stop.saving():
+        checkpoint.commit_files(run.out, card_files(final_model, run.config))
 
 
 def one_step(run, step, layer_clock):
@@ -969,7 +1140,34 @@ def one_step(run, step, layer_clock):
 
 
 def finish(run, step, wall_start):
-    """After the last step: validation loss, parse rate, the checkpoint, the summary."""
+    """After the loop: the checkpoint first, so that nothing after it can lose the run; then,
+    unless a stop signal came, the validation loss, the parse rate and the summary, committed
+    into final_model.json beside it."""
+    finished = step >= run.max_steps
+    if run.last_saved != step:
+        save(run, step, finished=finished)
+    if run.stop.requested:
+        then = (f"Evaluate it with: python train.py --eval-only --resume {run.out}" if finished
+                else f"Continue with: python train.py --resume {run.out}")
+        print(f"stopped at step {step} of {run.max_steps} ({run.stop.requested}); the checkpoint of "
+              f"step {step} is saved in {run.out}. {then}")
+        return
+    run.stop.at_once = True   # the checkpoint is committed: a stop signal ends the evaluation at once
+    try:
+        val_loss, parse = end_of_run_evaluation(run, step, wall_start)
+    except KeyboardInterrupt:
+        print(f"evaluation stopped ({run.stop.requested}); the checkpoint of step {step} is saved in "
+              f"{run.out}, without the validation loss and parse rate "
+              f"(python train.py --eval-only --resume {run.out} measures them)")
+        return
+    with run.stop.saving():
+        checkpoint.commit_files(run.out, summary_files(run, step, finished, val_loss, parse))
+    print_summary(run.config_name, step, run.tokens_per_step, run.loss_curve, val_loss,
+                  len(run.val_inputs), run.timing, run.out, parse)
+
+
+def end_of_run_evaluation(run, step, wall_start):
+    """(validation loss, parse rate) of the trained weights; the run's timing completed."""
     timing = run.timing
     eval_start = time.perf_counter()
     val_loss = evaluate(run.params, run.config, run.val_inputs, run.val_targets,
@@ -980,31 +1178,28 @@ def finish(run, step, wall_start):
     train_seconds = timing["train_seconds"]
     timing["tokens_per_second"] = step * run.tokens_per_step / train_seconds if train_seconds else None
     split_time(timing)
-    save(run, step, val_loss=val_loss, finished=True, parse=parse)
-    print_summary(run.config_name, step, run.tokens_per_step, run.loss_curve, val_loss,
-                  len(run.val_inputs), timing, run.out, parse)
+    return val_loss, parse
 
 
 def evaluate_only(run):
     """--eval-only: validation loss, perplexity and parse rate of the --resume checkpoint, printed
-    and written into final_model.json (in --out, by default the checkpoint's folder)."""
+    and committed into final_model.json (in --out, by default the checkpoint's folder)."""
     args = run.args
     start = time.perf_counter()
+    source = os.path.join(args["resume"], FINAL_MODEL)
+    saved = checkpoint.read_json(source, "the run's summary") if os.path.exists(source) else {}
+    if not isinstance(saved, dict):
+        raise RunError(f"{source}: expected a JSON object, got {type(saved).__name__}")
     val_loss = evaluate(run.params, run.config, run.val_inputs, run.val_targets, args["batch_size"],
                         run.workers)
     parse = parse_eval(run.params, run.config, run.tok, run.val_texts, args)
-    source = os.path.join(args["resume"], FINAL_MODEL)
-    saved = read_json(source, "the run's summary") if os.path.exists(source) else {}
-    final_model = {**saved, **run_summary(run, run.start_step, args["resume"], val_loss, parse,
-                                          finished=saved.get("finished", False))}
-    final_model["status"] = saved.get("status") or {
+    final_model = {**saved, **run_summary(run, run.start_step, args["resume"], saved.get("finished") is True,
+                                          val_loss, parse)}
+    final_model["status"] = saved.get("status") if isinstance(saved.get("status"), dict) else {
         "state": "finished" if final_model["finished"] else "in progress", "step": run.start_step,
         "max_steps": run.max_steps, "reason": None}
-    os.makedirs(args["out"], exist_ok=True)
-    checkpoint.atomic_write_bytes(os.path.join(args["out"], FINAL_MODEL),
-                                  (json.dumps(final_model, indent=1) + "\n").encode())
-    checkpoint.atomic_write_bytes(os.path.join(args["out"], model_card.CARD_FILE),
-                                  model_card.render(final_model, run.config).encode("utf-8"))
+    with run.stop.saving():
+        checkpoint.commit_files(args["out"], card_files(final_model, run.config))
     print_losses(None, val_loss, len(run.val_inputs))
     print(sample.describe_parse_rate(parse))
     print(f"evaluated in {time.perf_counter() - start:.1f} s; written to {os.path.join(args['out'], FINAL_MODEL)}")
@@ -1046,12 +1241,15 @@ def print_summary(config_name, step, tokens_per_step, loss_curve, val_loss, val_
 
 
 def main(argv=None):
-    try:
-        return execute(argv)
-    except (RunError, checkpoint.CheckpointError) as e:
-        raise SystemExit(f"train.py: error: {e}") from None
-    except KeyboardInterrupt:   # Ctrl-C before the training loop (which handles its own)
-        raise SystemExit("train.py: interrupted before training started; nothing was saved") from None
+    with warnings.catch_warnings():
+        # A diverging step overflows before its loss or gradient norm turns inf or NaN, which the
+        # run reports itself in one line (Diverged): NumPy's warnings would only come first.
+        warnings.filterwarnings("ignore", r"(overflow|invalid value|divide by zero) encountered",
+                                RuntimeWarning)
+        try:
+            return execute(argv)
+        except (RunError, checkpoint.CheckpointError) as e:
+            raise SystemExit(f"train.py: error: {e}") from None
 
 
 def execute(argv):
@@ -1059,18 +1257,20 @@ def execute(argv):
     wall_start = time.perf_counter()
     args, given = parse_settings(argv)
     cpu.keep_freed_memory()  # the CPU step's temporaries are reused, not page-faulted in anew
-    run = setup(args, given)
-    print_setup(run)
-    if run.args["eval_only"]:
-        return evaluate_only(run)
-    start_metrics_log(run)
-    step, stopped = train_loop(run)
-    if stopped:
-        save(run, step, stopped=stopped)
-        print(f"stopped at step {step} of {run.max_steps}; saved a checkpoint in {run.out}. "
-              f"Continue with: python train.py --resume {run.out}")
-        return 0
-    finish(run, step, wall_start)
+    run = None
+    with contextlib.ExitStack() as held, StopRequest() as stop:   # held: the run folders' locks
+        try:
+            run = setup(args, given, held)
+            run.stop = stop
+            print_setup(run)
+            if run.args["eval_only"]:
+                return evaluate_only(run)
+            start_metrics_log(run)
+            stop.at_once = False   # from here a stop signal lets the step finish, then saves
+            step = train_loop(run)
+            finish(run, step, wall_start)
+        except KeyboardInterrupt:   # a stop signal before training, in the evaluation, or a second one
+            raise SystemExit(f"train.py: interrupted; {kept(run)}") from None
     return 0
 
 

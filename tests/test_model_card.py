@@ -23,7 +23,7 @@ import cpu
 import model_card
 import train
 from tests import oracles
-from tests.test_train import interrupt_on_backward_call
+from tests.test_train import signal_on_call
 from tokenizer import Tokenizer
 
 SECTIONS = ["Model Details", "Intended Use", "Training Details", "Tokenizer", "FALSIFY predictions",
@@ -352,7 +352,7 @@ def test_the_command_names_the_model_the_rows_and_every_changed_setting():
 def test_a_stopped_run_says_so_and_its_resume_updates_the_card(runs, monkeypatch):
     argv = TINY + ["--max-steps", "6", "--eval-samples", "0"]
     run(argv + ["--out", runs / "straight"])
-    interrupt_on_backward_call(monkeypatch, 5)               # during step 3 (2 micro-batches a step)
+    signal_on_call(monkeypatch, albor, "backward", {5})             # during step 3 (2 micro-batches a step)
     stopped = runs / "stopped"
     run(argv + ["--out", stopped])
     card = card_of(stopped)
