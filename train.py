@@ -568,8 +568,8 @@ def train_step(params, config, optimizer, inputs, targets, lr, grad_clip, step, 
     """One optimizer step on the micro-batches inputs[m], targets[m] (each (B, T)).
 
     Returns (loss, (gradient norm before clipping, after it), number of non-pad targets, whether
-    the optimizer stepped). The loss is the mean over the non-pad targets of all micro-batches together: a
-    micro-batch's mean loss counts with weight n_valid[m] / n_valid_step, and backward's
+    the optimizer stepped). The loss is the mean over the non-pad targets of all micro-batches
+    together: a micro-batch's mean loss counts with weight n_valid[m] / n_valid_step, and backward's
     loss_scale gives its gradient the same weight, added into one gradient dict (so 4
     micro-batches of 4 rows = one batch of 16 rows). workers (a cpu.DataParallel; default one
     thread) share each micro-batch's rows out, their gradients summed before clipping.
