@@ -825,16 +825,22 @@ def default_warmup(max_steps):
     return min(100, max_steps // 10)
 
 
-def clip_grad_norm(grads, max_norm):
-    """Scale all gradients together so their global L2 norm is at most max_norm.
+def global_norm(grads):
+    """The L2 norm of all gradients together: sqrt(sum over every parameter of sum(g * g)), the
+    squares summed in float64 (a float32 sum over 62M squares would lose digits). A float64
+    scalar of xp: a Python float on NumPy; on a GPU it stays on the device (no wait here)."""
+    sum_of_squares = sum(xp.sum(xp.square(g, dtype=xp.float64)) for g in grads.values())
+    return xp.sqrt(sum_of_squares)
 
-    The global norm is sqrt(sum over every parameter of sum(g * g)), the squares summed in
-    float64 (a float32 sum over 62M squares would lose digits). When it exceeds max_norm
-    every gradient is multiplied by max_norm / (norm + 1e-6), which keeps the direction of
-    the step and bounds its size. max_norm <= 0 (or None) turns clipping off. Non-finite
-    norms are left alone (the caller stops the run or skips the step).
-    Returns the norm before clipping as a float64 scalar of xp: a Python float on NumPy; on a
-    GPU it stays on the device, and so does the decision to clip (no wait for the GPU here).
+
+def clip_grad_norm(grads, max_norm):
+    """Scale all gradients together so their global L2 norm (global_norm) is at most max_norm.
+
+    When it exceeds max_norm every gradient is multiplied by max_norm / (norm + 1e-6), which
+    keeps the direction of the step and bounds its size. max_norm <= 0 (or None) turns clipping
+    off. Non-finite norms are left alone (the caller stops the run or skips the step).
+    Returns the norm before clipping, a scalar as global_norm's: on a GPU the decision to clip
+    stays on the device too.
 
     >>> g = {"a": xp.asarray([3.0, 0.0], dtype=xp.float32), "b": xp.asarray([4.0], dtype=xp.float32)}
     >>> float(clip_grad_norm(g, 1.0))
@@ -842,8 +848,7 @@ def clip_grad_norm(grads, max_norm):
     >>> [round(float(x), 4) for x in to_numpy(g["a"])], round(float(g["b"][0]), 4)
     ([0.6, 0.0], 0.8)
     """
-    sum_of_squares = sum(xp.sum(xp.square(g, dtype=xp.float64)) for g in grads.values())
-    norm = xp.sqrt(sum_of_squares)
+    norm = global_norm(grads)
     if max_norm is not None and max_norm > 0.0:
         # scale = max_norm / (norm + 1e-6) if the norm is finite and above max_norm, else 1
         clip = xp.isfinite(norm) & (norm > max_norm)

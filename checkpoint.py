@@ -47,6 +47,7 @@ anything it sizes is built: num_hidden_layers 10**7 is refused at once, not afte
 """
 import contextlib
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -188,8 +189,7 @@ def save_checkpoint(folder, config, params, optimizer=None, step=0, extra_files=
     is committed."""
     if set(params) != set(param_shapes(config)):
         raise CheckpointError(f"{folder}: params do not match the config's parameter names")
-    model_metadata = {"format": "pt", "step": step}   # transformers expects "format": "pt"
-    files = {CHECKPOINT_MODEL: lambda path: write_safetensors(path, params, model_metadata),
+    files = {CHECKPOINT_MODEL: lambda path: write_safetensors(path, params, model_metadata(step)),
              CHECKPOINT_CONFIG: (json.dumps(config_to_hf(config), indent=2) + "\n").encode()}
     if optimizer is not None:
         metadata = {"step": step, "hyperparameters": json.dumps(optimizer.hyperparameters())}
@@ -312,8 +312,9 @@ def atomic_write_bytes(path, data):
     os.replace(tmp, path)
 
 
-def write_safetensors(path, tensors, metadata):
-    """Write float32 tensors to the file at path in the safetensors format, and flush it to disk.
+def safetensors_parts(tensors, metadata):
+    """The bytes of a safetensors file of float32 tensors, in order, as pieces (bytes or
+    memoryviews): write_safetensors writes them, safetensors_digest hashes them.
 
     The format is simple enough to write by hand (and so the bytes are the same on every run,
     which the library, storing the metadata in a hash map, does not promise):
@@ -330,13 +331,30 @@ def write_safetensors(path, tensors, metadata):
         offset += a.nbytes
     header_bytes = json.dumps(header, separators=(",", ":")).encode("utf-8")
     header_bytes += b" " * (-len(header_bytes) % 8)
+    return [len(header_bytes).to_bytes(8, "little"), header_bytes] + [a.data for a in host.values()]
+
+
+def write_safetensors(path, tensors, metadata):
+    """Write float32 tensors to the file at path in the safetensors format, and flush it to disk."""
     with open(path, "wb") as f:
-        f.write(len(header_bytes).to_bytes(8, "little"))
-        f.write(header_bytes)
-        for a in host.values():
-            f.write(a.data)
+        for part in safetensors_parts(tensors, metadata):
+            f.write(part)
         f.flush()
         os.fsync(f.fileno())
+
+
+def safetensors_digest(tensors, metadata):
+    """(SHA-256 hex digest, size in bytes) of the file write_safetensors would write, unwritten."""
+    digest, size = hashlib.sha256(), 0
+    for part in safetensors_parts(tensors, metadata):
+        digest.update(part)
+        size += len(part) if isinstance(part, bytes) else part.nbytes
+    return digest.hexdigest(), size
+
+
+def model_metadata(step):
+    """model.safetensors' metadata: "format": "pt" (which transformers expects) and the step."""
+    return {"format": "pt", "step": step}
 
 
 def _write_bytes(path, data):

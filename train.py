@@ -37,6 +37,7 @@ The run folder (--out, default checkpoints/<config>):
     model.safetensors, config.json, tokenizer.json   a Hugging Face LlamaForCausalLM folder
     optimizer.safetensors, trainer_state.json        what --resume needs
     final_model.json                                 losses, parse rate, timing and provenance of the run
+    README.md                                        the model card (model_card.py), from final_model.json
     metrics.jsonl                                    one JSON line per optimizer step
 A save commits all of the checkpoint's files (all but metrics.jsonl) as one unit, the previous
 checkpoint whole until then (checkpoint.py). A run locks its folder, and a new run refuses a
@@ -55,6 +56,7 @@ import hashlib
 import json
 import math
 import os
+import shlex
 import signal
 import sys
 import sysconfig
@@ -74,6 +76,7 @@ import checkpoint  # noqa: E402
 import cpu  # noqa: E402
 import distributed  # noqa: E402
 import gpu  # noqa: E402
+import model_card  # noqa: E402
 import sample  # noqa: E402
 from tokenizer import EOT_ID, PAD_ID, Tokenizer  # noqa: E402
 
@@ -496,12 +499,14 @@ def sha256_hex(data):
 
 
 def get_tokenizer(args, config, corpus, source_folder):
-    """(Tokenizer, its tokenizer.json bytes, where it came from).
+    """(Tokenizer, its tokenizer.json bytes, where it came from, what it was trained on (None
+    when that is not known here)).
 
     --tokenizer FILE; else the checkpoint folder's (--resume/--init); else the one
     trained on this corpus's first TOKENIZER_LINES lines with vocab_size tokens,
     cached in <out>/../tokenizers/ under a name derived from that text and size.
     """
+    trained_on = None
     if args["tokenizer"]:
         path = Path(args["tokenizer"])
         origin = str(path)
@@ -512,6 +517,9 @@ def get_tokenizer(args, config, corpus, source_folder):
         texts = corpus.first_lines(TOKENIZER_LINES)
         if not texts:
             raise RunError(f"no usable text in {corpus.description} to train a tokenizer on")
+        lines = sum(text.count("\n") for text in texts)
+        trained_on = (f"the first {lines:,} lines of {corpus.description}, "
+                      f"min frequency {TOKENIZER_MIN_FREQUENCY}")
         key = hashlib.sha256(f"vocab_size={config.vocab_size}\nmin_frequency={TOKENIZER_MIN_FREQUENCY}\n".encode())
         for text in texts:
             key.update(text.encode("utf-8"))
@@ -521,7 +529,6 @@ def get_tokenizer(args, config, corpus, source_folder):
             origin = f"{path} (cached)"
         else:
             started = time.perf_counter()
-            lines = sum(text.count("\n") for text in texts)
             print(f"training a {config.vocab_size:,}-token tokenizer on the first {lines:,} lines of "
                   f"{corpus.description} ...")
             tok = Tokenizer.train(texts, config.vocab_size, min_frequency=TOKENIZER_MIN_FREQUENCY, progress=True)
@@ -533,7 +540,19 @@ def get_tokenizer(args, config, corpus, source_folder):
         tok = Tokenizer.load(path, max_vocab_size=config.vocab_size)
     except ValueError as e:
         raise RunError(str(e).splitlines()[0]) from None
-    return tok, data, origin
+    if source_folder and not args["tokenizer"]:
+        trained_on = recorded_training(source_folder, sha256_hex(data))
+    return tok, data, origin, trained_on
+
+
+def recorded_training(folder, tokenizer_sha256):
+    """What the final_model.json in folder says its tokenizer (of this SHA-256) was trained on,
+    or None where it does not say."""
+    try:
+        saved = json.loads(Path(folder, FINAL_MODEL).read_text(encoding="utf-8")).get("tokenizer") or {}
+    except (OSError, ValueError, AttributeError):
+        return None
+    return saved.get("trained_on") if saved.get("sha256") == tokenizer_sha256 else None
 
 
 def read_bytes(path, what):
@@ -559,9 +578,9 @@ def train_step(params, config, optimizer, inputs, targets, lr, grad_clip, step, 
                workers=None, group=distributed.SINGLE):
     """One optimizer step on the micro-batches inputs[m], targets[m] (each (B, T), NumPy).
 
-    Returns (loss, pre-clip gradient norm, number of non-pad targets, whether the optimizer
-    stepped). The loss is the mean over the non-pad targets of all micro-batches together: a
-    micro-batch's mean loss counts with weight n_valid[m] / n_valid_step, and backward's
+    Returns (loss, (gradient norm before clipping, after it), number of non-pad targets, whether
+    the optimizer stepped). The loss is the mean over the non-pad targets of all micro-batches
+    together: a micro-batch's mean loss counts with weight n_valid[m] / n_valid_step, and backward's
     loss_scale gives its gradient the same weight, added into one gradient dict (so 4
     micro-batches of 4 rows = one batch of 16 rows). workers (a cpu.DataParallel; default one
     thread) share each micro-batch's rows out, their gradients summed before clipping. With MPI
@@ -591,8 +610,8 @@ def train_step(params, config, optimizer, inputs, targets, lr, grad_clip, step, 
                                                       loss_scale=weight))
     grads = group.sum_gradients(workers.gradients(), params)   # every rank's gradients, added up
     clock.mark("model_seconds")
-    grad_norm, stepped, loss_sums = apply_update(optimizer, params, grads, lr, grad_clip, scaler,
-                                                 step, loss_sums, group)
+    norms, stepped, loss_sums = apply_update(optimizer, params, grads, lr, grad_clip, scaler, step,
+                                             loss_sums, group)
     clock.mark("optimizer_seconds")
     phases = clock.collect(wait=False)
     # forward and backward ran interleaved in the workers: split as their own clocks did
@@ -604,16 +623,18 @@ def train_step(params, config, optimizer, inputs, targets, lr, grad_clip, step, 
     phases["backward_seconds"] = model * (1.0 - forward_share)
     for phase, seconds in phases.items():
         timing[phase] += seconds
-    return sum(loss_sums) / n_valid_step, grad_norm, n_valid_step, stepped
+    return sum(loss_sums) / n_valid_step, norms, n_valid_step, stepped
 
 
 def apply_update(optimizer, params, grads, lr, grad_clip, scaler, step, losses=(),
                  group=distributed.SINGLE):
-    """Clip the gradients' global norm and take the optimizer step; returns (the norm before
-    clipping, whether the optimizer stepped, the losses as Python floats).
+    """Clip the gradients' global norm and take the optimizer step; returns ((the norm before
+    clipping, the norm after it), whether the optimizer stepped, the losses as Python floats).
+    The norm after clipping is measured, not assumed: the model card checks it against the clip
+    value (FALSIFY-ALBOR-002).
 
     losses: the step's micro-batch losses or loss sums (on a GPU, device scalars). They come to
-    the host together with the norm, in ONE copy: the step's one wait for the GPU; with MPI
+    the host together with the norms, in ONE copy: the step's one wait for the GPU; with MPI
     they are then summed over the ranks (group). A non-finite loss stops the run (Diverged)
     before anything is updated (and drops the step's gradients). With an fp16 loss scaler
     (gpu.LossScaler) the gradients are unscaled first, and a step whose gradients overflowed is
@@ -621,7 +642,8 @@ def apply_update(optimizer, params, grads, lr, grad_clip, scaler, step, losses=(
     if scaler:
         scaler.unscale(grads)
     norm = albor.clip_grad_norm(grads, grad_clip)  # clipped on the device: nothing waits yet
-    *losses, grad_norm = gpu.fetch(*losses, norm)
+    clipped_norm = albor.global_norm(grads)
+    *losses, grad_norm, clipped_norm = gpu.fetch(*losses, norm, clipped_norm)
     losses = group.sum_floats(losses)   # every rank's rows
     for m, loss in enumerate(losses):
         if not math.isfinite(loss):
@@ -636,7 +658,7 @@ def apply_update(optimizer, params, grads, lr, grad_clip, scaler, step, losses=(
         raise Diverged(f"the gradient norm is {grad_norm} at step {step}")
     if stepped:
         optimizer.step(params, grads, lr)
-    return grad_norm, stepped, losses
+    return (grad_norm, clipped_norm), stepped, losses
 
 
 def evaluate(params, config, inputs, targets, batch_size, workers=None):
@@ -710,6 +732,7 @@ def setup(args, given, held, group=distributed.SINGLE):
                        f"{run.config.max_position_embeddings}")
     load_data(run, source_folder)
     load_weights(run)
+    run.resumes, run.reproduce = resume_history(run)
     return run
 
 
@@ -752,7 +775,8 @@ def load_data(run, source_folder):
     """The tokenizer, the validation and training rows, the schedule and their provenance."""
     args, config = run.args, run.config
     run.corpus = Corpus(args["data"])
-    run.tok, run.tok_data, run.tok_origin = get_tokenizer(args, config, run.corpus, source_folder)
+    run.tok, run.tok_data, run.tok_origin, run.tok_trained_on = get_tokenizer(args, config, run.corpus,
+                                                                             source_folder)
     if args["resume"] and args["tokenizer"]:
         saved_tok = read_bytes(Path(args["resume"]) / TOKENIZER_FILE, "the resumed run's tokenizer")
         if sha256_hex(saved_tok) != sha256_hex(run.tok_data):
@@ -904,7 +928,7 @@ def save(run, step, finished=False):
         return
     save_start = time.perf_counter()
     trainer_state = {"step": step, "args": run.args, "loss_curve": run.loss_curve, "timing": run.timing,
-                     "provenance": run.provenance,
+                     "provenance": run.provenance, "resumes": run.resumes, "reproduce": run.reproduce,
                      "loss_scaler": run.scaler.state() if run.scaler else None}
     extra = {TOKENIZER_FILE: run.tok_data,
              TRAINER_STATE: (json.dumps(trainer_state, indent=1) + "\n").encode(),
@@ -920,10 +944,29 @@ def save(run, step, finished=False):
 
 
 def summary_files(run, step, finished, val_loss=None, parse=None):
-    """The files that sum the run up ({name: bytes}): final_model.json. Each save writes them with
-    the checkpoint; the end of the run commits them again with the evaluation's results."""
+    """The files that sum the run up ({name: bytes}): final_model.json and the model card made
+    from it, README.md. Each save writes them with the checkpoint; the end of the run commits
+    them again with the evaluation's results."""
+    final_model = run_summary(run, step, run.out, finished, val_loss, parse)
+    stopped = None if finished else run.stop.requested   # the stop signal's name, if one came
+    final_model["status"] = {"state": "finished" if finished else "stopped" if stopped else "in progress",
+                             "step": step, "max_steps": run.max_steps,
+                             "reason": StopRequest.REASONS.get(stopped, stopped) if stopped else None}
+    run.last_final_model = final_model
+    return card_files(final_model, run.config)
+
+
+def card_files(final_model, config):
+    """{final_model.json: its bytes, README.md: the model card rendered from it}."""
+    return {FINAL_MODEL: (json.dumps(final_model, indent=1) + "\n").encode(),
+            model_card.CARD_FILE: model_card.render(final_model, config).encode("utf-8")}
+
+
+def run_summary(run, step, folder, finished, val_loss=None, parse=None):
+    """final_model.json (without its "status"): the figures of the run after `step` steps, whose
+    checkpoint lies in `folder`: losses, evaluation, timing, provenance, and the card's facts."""
     curve = run.loss_curve
-    final_model = {
+    return {
         "config": run.config_name, "finished": finished, "steps": step, "max_steps": run.max_steps,
         "warmup": run.warmup, "lr": run.args["lr"], "min_lr": run.min_lr,
         "final_loss": curve[-1] if curve else None, "best_loss": min(curve) if curve else None,
@@ -932,8 +975,79 @@ def summary_files(run, step, finished, val_loss=None, parse=None):
         "parse_rate": parse["parse_rate"] if parse else None, "parse_eval": parse,
         "loss_curve": curve, "tokens": step * run.tokens_per_step,
         "timing": run.timing, "provenance": run.provenance, "args": run.args,
+        **card_facts(run, step, folder),
     }
-    return {FINAL_MODEL: (json.dumps(final_model, indent=1) + "\n").encode()}
+
+
+def card_facts(run, step, folder):
+    """What the model card reports beyond the losses, measured: the parameters counted in the
+    weights, the weights' SHA-256 (as saved in `folder` at this step), the tokens counted in the
+    rows and in folder's metrics log, the machine, and the FALSIFY verdicts (model_card.py)."""
+    records = [json.loads(line) for line in read_metrics(folder, step)]
+    sha256, size = checkpoint.safetensors_digest(run.params, checkpoint.model_metadata(step))
+    return {
+        "parameters": sum(int(p.size) for p in run.params.values()),
+        "model_file": {"folder": folder, "name": checkpoint.CHECKPOINT_MODEL, "sha256": sha256, "bytes": size},
+        "tokens_seen": sum(record.get("valid_tokens", 0) for record in records),
+        "data": data_facts(run),
+        "tokenizer": {"vocab_size": run.tok.vocab_size, "merges": len(run.tok.merges),
+                      "source": run.tok_origin, "trained_on": run.tok_trained_on,
+                      "sha256": run.provenance["tokenizer_sha256"]},
+        "device": model_card.machine(run.workers.workers), "precision": run.args["dtype"],
+        "software": model_card.software(), "resumes": run.resumes, "reproduce": run.reproduce,
+        "falsify": model_card.falsify(run.loss_curve[:step], records, run.args["grad_clip"], sha256,
+                                      run.reproduce),
+    }
+
+
+def data_facts(run):
+    """The data's name (for the card's metadata), its tokens counted in the rows, and how many
+    training rows are cut (no <|endoftext|> in them: the document goes on past the row)."""
+    stdlib = run.args["data"] is None
+    name = f"python-{sys.version.split()[0]}-stdlib" if stdlib else Path(run.args["data"]).stem
+    full_rows = np.concatenate([run.train_inputs, run.train_targets[:, -1:]], axis=1) == EOT_ID
+    return {"name": name, "tags": ["code", "python"] if stdlib else [],
+            "license": "The Python standard library is distributed under the PSF License Agreement." if stdlib
+            else None,
+            "train_tokens": int((run.train_targets != albor.IGNORE_INDEX).sum()),
+            "val_tokens": int((run.val_targets != albor.IGNORE_INDEX).sum()),
+            "cut_train_rows": int((~full_rows.any(axis=1)).sum())}
+
+
+# The flags a command that trains these weights again must repeat: all but where the run is
+# written, how it is evaluated, and --resume (its settings are the run's own).
+NOT_REPEATED = ("out", "resume", "save_every", "eval_samples", "eval_only", "overwrite")
+
+
+def reproduce_command(args):
+    """The `python train.py ...` command line that trains this run's weights from scratch: the
+    model and the rows, and every other setting that differs from DEFAULTS (with --init, the
+    model's shape comes from there). Example: the defaults with --lr 0.001 ->
+    "python train.py --config albor-base-50m --rows 500 --lr 0.001"."""
+    flags = []
+    for name, default in DEFAULTS.items():
+        if name in NOT_REPEATED or (name == "config" and args["init"]):
+            continue
+        if (args[name] != default or name in ("config", "rows")) and args[name] is not None:
+            flags.append(f"--{name.replace('_', '-')} {shlex.quote(str(args[name]))}")
+    return " ".join(["python train.py"] + flags)
+
+
+def resume_history(run):
+    """(resumes, command): the run's resumes (the saved run's, plus this one with the settings
+    it changed, {name: [saved, now]}) and the one command that reproduces the run's weights
+    (None once a resume changed a setting that the weights depend on)."""
+    state, args = run.state or {}, run.args
+    if not args["resume"]:
+        return [], reproduce_command(args)
+    saved = {**DEFAULTS, **state["args"]}
+    resumes, command = list(state.get("resumes", [])), state.get("reproduce", reproduce_command(saved))
+    if not args["eval_only"]:
+        changed = {name: [saved[name], args[name]] for name in DEFAULTS
+                   if name not in NOT_REPEATED + ("init", "tokenizer") and saved[name] != args[name]}
+        resumes.append({"step": run.start_step, "from": args["resume"], "changed": changed})
+        command = None if changed else command
+    return resumes, command
 
 
 def kept(run, what="checkpoint"):
@@ -955,6 +1069,8 @@ class StopRequest:
     A signal that was ignored when the run started (nohup ignores SIGHUP) stays ignored.
     """
     SIGNALS = ("SIGINT", "SIGTERM", "SIGHUP")
+    REASONS = {"SIGINT": "Ctrl-C (SIGINT)", "SIGTERM": "SIGTERM (a kill, timeout, docker stop or a preemption)",
+               "SIGHUP": "SIGHUP (the terminal closed)"}   # the model card's words for them
 
     def __init__(self):
         self.requested = None       # the first signal's name
@@ -1043,12 +1159,24 @@ def train_loop(run):
                     save(run, step)
                 stopping = run.group.any(run.stop.requested)   # a stop signal on any rank stops them all
     except Diverged as e:
+        mark_diverged(run, str(e))
         raise RunError(f"{e}; stopping: {kept(run, 'good checkpoint')}") from None
     finally:
         bar.close()
     if stopping and not run.stop.requested:
         run.stop.requested = "a stop signal on another rank"
     return step
+
+
+def mark_diverged(run, reason):
+    """After a non-finite loss or gradient: the card of the last checkpoint this process saved
+    says the run diverged, and why (the checkpoint itself stays as it was)."""
+    final_model = getattr(run, "last_final_model", None)
+    if final_model is None or run.last_saved is None:
+        return
+    final_model["status"] = dict(final_model["status"], state="diverged", reason=reason)
+    with run.stop.saving():
+        checkpoint.commit_files(run.out, card_files(final_model, run.config))
 
 
 def one_step(run, step, layer_clock):
@@ -1060,7 +1188,7 @@ def one_step(run, step, layer_clock):
     rows = np.stack([micro_batch_rows(step, m, args, len(run.train_inputs))
                      for m in range(args["grad_accum"])])      # (grad_accum, B)
     scale = run.scaler.scale if run.scaler else None
-    loss, grad_norm, n_valid, stepped = train_step(
+    loss, (grad_norm, clipped_norm), n_valid, stepped = train_step(
         run.params, run.config, run.optimizer, run.train_inputs[rows], run.train_targets[rows],
         lr, args["grad_clip"], step, timing, run.scaler, run.workers, run.group)
     if not stepped:
@@ -1075,7 +1203,7 @@ def one_step(run, step, layer_clock):
         timing["attention_seconds"] += attention / threads
         timing["other_layers_seconds"] += sum(layers.values()) / threads
     run.loss_curve.append(loss)
-    record = {"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
+    record = {"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "grad_norm_clipped": clipped_norm,
               "tokens": run.tokens_per_step, "valid_tokens": n_valid, "seconds": seconds}
     if run.scaler:
         record.update(loss_scale=scale, skipped=not stepped)
@@ -1130,16 +1258,19 @@ def evaluate_only(run):
     args = run.args
     start = time.perf_counter()
     source = os.path.join(args["resume"], FINAL_MODEL)
-    final_model = checkpoint.read_json(source, "the run's summary") if os.path.exists(source) else {}
-    if not isinstance(final_model, dict):
-        raise RunError(f"{source}: expected a JSON object, got {type(final_model).__name__}")
+    saved = checkpoint.read_json(source, "the run's summary") if os.path.exists(source) else {}
+    if not isinstance(saved, dict):
+        raise RunError(f"{source}: expected a JSON object, got {type(saved).__name__}")
     val_loss = evaluate(run.params, run.config, run.val_inputs, run.val_targets, args["batch_size"],
                         run.workers)
     parse = parse_eval(run.params, run.config, run.tok, run.val_texts, args)
-    final_model.update(val_loss=val_loss, val_perplexity=perplexity(val_loss),
-                       parse_rate=parse["parse_rate"], parse_eval=parse)
+    final_model = {**saved, **run_summary(run, run.start_step, args["resume"], saved.get("finished") is True,
+                                          val_loss, parse)}
+    final_model["status"] = saved.get("status") if isinstance(saved.get("status"), dict) else {
+        "state": "finished" if final_model["finished"] else "in progress", "step": run.start_step,
+        "max_steps": run.max_steps, "reason": None}
     with run.stop.saving():
-        checkpoint.commit_files(args["out"], {FINAL_MODEL: (json.dumps(final_model, indent=1) + "\n").encode()})
+        checkpoint.commit_files(args["out"], card_files(final_model, run.config))
     print_losses(None, val_loss, len(run.val_inputs))
     print(sample.describe_parse_rate(parse))
     print(f"evaluated in {time.perf_counter() - start:.1f} s; written to {os.path.join(args['out'], FINAL_MODEL)}")
@@ -1175,14 +1306,8 @@ def print_summary(config_name, step, tokens_per_step, loss_curve, val_loss, val_
     if train:
         print(f"{config_name}: {step} steps, {tokens:,} tokens in {train:.1f} s of training: "
               f"{tokens / train:,.0f} tokens/s; wall time {timing['wall_seconds']:.1f} s")
-        if "matmul_seconds" in timing:
-            parts = [("matmuls", timing["matmul_seconds"]), ("attention", timing["attention_seconds"]),
-                     ("other layers", timing["other_layers_seconds"]), ("optimizer", timing["optimizer_seconds"])]
-        else:
-            parts = [("forward", timing["forward_seconds"]), ("backward", timing["backward_seconds"]),
-                     ("optimizer", timing["optimizer_seconds"])]
-        parts.append(("data/bookkeeping", train - sum(seconds for _, seconds in parts)))
-        print("time: " + ", ".join(f"{name} {seconds:.1f} s ({100 * seconds / train:.0f}%)" for name, seconds in parts))
+        print("time: " + ", ".join(f"{name} {seconds:.1f} s ({100 * seconds / train:.0f}%)"
+                                   for name, seconds in model_card.time_split(timing)))
     print(f"checkpoint: {out}")
 
 

@@ -390,7 +390,7 @@ def test_an_overflowing_step_is_skipped_and_a_clean_one_is_the_fp32_step(numpy_b
 
     _, grads = loss_and_grads(params, config, idx, targets, loss_scale=scaler.scale)
     grads["model.layers.1.mlp.up_proj.weight"][3, 5] = bad
-    norm, stepped, _ = train.apply_update(optimizer, params, grads, 1e-3, 1.0, scaler, 1)
+    (norm, _), stepped, _ = train.apply_update(optimizer, params, grads, 1e-3, 1.0, scaler, 1)
     assert not stepped and not math.isfinite(norm)
     assert scaler.scale == 2.0 ** 9 and scaler.skipped == 1 and optimizer.t == 0
     for name in params:
@@ -401,7 +401,7 @@ def test_an_overflowing_step_is_skipped_and_a_clean_one_is_the_fp32_step(numpy_b
     twin_optimizer = albor.AdamW(twin)
     for _ in range(2):
         _, grads = loss_and_grads(params, config, idx, targets, loss_scale=scaler.scale)
-        norm, stepped, _ = train.apply_update(optimizer, params, grads, 1e-3, 1.0, scaler, 1)
+        (norm, _), stepped, _ = train.apply_update(optimizer, params, grads, 1e-3, 1.0, scaler, 1)
         _, plain = loss_and_grads(twin, config, idx, targets)
         plain_norm = albor.clip_grad_norm(plain, 1.0)
         twin_optimizer.step(twin, plain, lr=1e-3)
@@ -459,7 +459,7 @@ def test_train_step_with_the_loss_scaler(numpy_backend, monkeypatch):
     monkeypatch.setattr(albor, "backward", overflowing_backward)
     scaler = gpu.LossScaler()
     before = {name: p.copy() for name, p in scaled_params.items()}
-    loss, norm, _, stepped = train.train_step(scaled_params, config, optimizer, inputs, targets,
+    loss, (norm, _), _, stepped = train.train_step(scaled_params, config, optimizer, inputs, targets,
                                               1e-3, 1.0, 2, timing, scaler)
     assert math.isfinite(loss) and not math.isfinite(norm) and stepped is False
     assert scaler.scale == 2.0 ** 15 and optimizer.t == 1
@@ -702,7 +702,7 @@ def test_fp16_overflow_is_caught_the_step_skipped_and_the_scale_recovers(numpy_b
         for step in range(1, 41):
             before = {name: p.copy() for name, p in params.items()}
             scale, t = scaler.scale, optimizer.t
-            loss, norm, _, stepped = train.train_step(params, config, optimizer, inputs, targets,
+            loss, (norm, _), _, stepped = train.train_step(params, config, optimizer, inputs, targets,
                                                       3e-3, 1.0, step, new_timing(), scaler)
             assert stepped == math.isfinite(norm) and math.isfinite(loss)
             if not stepped:
@@ -844,7 +844,8 @@ def test_a_training_step_waits_for_the_gpu_once(path, dtype, emulator, monkeypat
     waits = on_device[3]
     assert waits == [["asnumpy"]] * 3, waits
     assert on_device[:3] == on_numpy[:3]
-    assert isinstance(on_device[0][0][0], float) and isinstance(on_device[0][0][1], float)
+    loss, (norm_before, norm_after) = on_device[0][0][:2]
+    assert all(isinstance(value, float) for value in (loss, norm_before, norm_after))
     assert on_device[4] == ({("float16", "float16")} if dtype == "fp16" else
                             {("uint16", "uint16")} if dtype == "bf16" else set())  # what cuBLAS gets
 
@@ -1086,8 +1087,8 @@ def test_gpu_fp16_training_with_the_loss_scaler():
             scale = scaler.scale
             with gpu.half_weights(params):
                 loss, grads = loss_and_grads(params, config, idx, targets, loss_scale=scale)
-            norm, stepped, (loss,) = train.apply_update(optimizer, params, grads, 3e-3, 1.0, scaler,
-                                                        1, [loss])
+            (norm, _), stepped, (loss,) = train.apply_update(optimizer, params, grads, 3e-3, 1.0,
+                                                             scaler, 1, [loss])
             assert stepped == math.isfinite(norm)
             if not stepped:
                 assert scaler.scale == scale / 2
@@ -1110,7 +1111,7 @@ def test_gpu_injected_overflow_skips_the_step():
     _, grads = loss_and_grads(params, config, idx, targets, loss_scale=scaler.scale)
     grads["model.embed_tokens.weight"][7, 3] = np.nan
     before = {name: albor.to_numpy(p).tobytes() for name, p in params.items()}
-    norm, stepped, _ = train.apply_update(optimizer, params, grads, 1e-3, 1.0, scaler, 1)
+    (norm, _), stepped, _ = train.apply_update(optimizer, params, grads, 1e-3, 1.0, scaler, 1)
     assert not stepped and math.isnan(norm) and scaler.scale == 2.0 ** 15
     assert {name: albor.to_numpy(p).tobytes() for name, p in params.items()} == before
 

@@ -336,6 +336,8 @@ def test_falsify_002_grad_norms_finite_and_clipped(base, tmp_path, monkeypatch):
     run(base + ["--max-steps", "8", "--lr", "3e-3", "--grad-clip", "0.5", "--out", tmp_path / "clipped"])
     logged = [line["grad_norm"] for line in metrics(tmp_path / "clipped")]
     assert logged == [before for before, _ in after]                 # the log has the pre-clip norm
+    assert [line["grad_norm_clipped"] for line in metrics(tmp_path / "clipped")] == \
+        pytest.approx([post for _, post in after], rel=1e-9)        # and the norm measured after clipping
     assert all(math.isfinite(n) for n in logged)
     assert any(before > 0.5 for before, _ in after)                   # clipping had work to do
     assert all(post <= 0.5 * (1 + 1e-6) for _, post in after)
