@@ -162,10 +162,11 @@ def matmul(x, w_t):
     """x (N, K) @ w_t (K, M) -> (N, M), the product of every linear layer `x @ w.T`.
 
     Weights are stored (out, in) as in Hugging Face, so a layer is matmul(x, w.T); w.T is a
-    strided view that BLAS reads transposed, nothing is copied. On a GPU with --dtype
-    tf32/bf16/fp16 the product runs at that precision in cuBLAS (gpu.py).
+    strided view that BLAS reads transposed, nothing is copied. With --dtype tf32/bf16/fp16
+    the product runs at that precision (gpu.py: half operands, float32 sums and result; cuBLAS
+    on a GPU, an emulation on a CPU).
     """
-    if gpu.low_precision(x, w_t):
+    if gpu.low_precision(x, w_t):  # --dtype other than fp32: mixed precision
         return gpu.matmul(x, w_t)
     return x @ w_t
 
@@ -408,19 +409,23 @@ def swiglu_backward(dh, gate, up, sig=None):
 CE_BLOCK_ROWS = 16  # 16 x 32768 float32 = 2 MiB per block
 
 
-def cross_entropy_forward(logits, targets):
+def cross_entropy_forward(logits, targets, n_valid=None):
     """Mean of -log softmax(logits)[target] over the rows whose target != IGNORE_INDEX.
 
-    logits (N, V), OVERWRITTEN with the softmax probabilities; targets (N,) int.
-    Returns (loss as a Python float, probs = the same buffer, number of counted rows).
+    logits (N, V), OVERWRITTEN with the softmax probabilities; targets (N,) int; n_valid: how
+    many targets count, if the caller has counted them (forward does, on the host: on a GPU
+    counting here would wait for the device).
+    Returns (loss, probs = the same buffer, n_valid); the loss is a float64 scalar of xp (a
+    Python float on NumPy; on a GPU a 0-d array that stays there until float() fetches it).
     Example: logits all 0 over V classes -> loss = ln(V) whatever the targets.
     (On a GPU the kernel fuses forward and backward: the buffer returned holds dlogits.)
     """
     if gpu.kernels_on(logits):  # kernels.cu on a GPU
-        return gpu.kernels().cross_entropy_forward(logits, targets)
+        return gpu.kernels().cross_entropy_forward(logits, targets, n_valid=n_valid)
     N = logits.shape[0]
     valid = targets != IGNORE_INDEX  # (N,)
-    n_valid = int(valid.sum())
+    if n_valid is None:
+        n_valid = int(valid.sum())
     if n_valid == 0:
         raise ValueError("every target is IGNORE_INDEX: the mean loss over no tokens is undefined")
     safe_targets = xp.where(valid, targets, 0)  # ignored rows look up class 0, then count 0
@@ -436,26 +441,28 @@ def cross_entropy_forward(logits, targets):
         # -log(exp(target_logit) / row_sum) = log(row_sum) - target_logit
         row_loss[start:stop] = xp.log(row_sum[:, 0]) - target_logit
     loss_sum = xp.where(valid, row_loss, 0.0).sum(dtype=xp.float64)  # float64 for the sum only
-    return float(loss_sum) / n_valid, logits, n_valid
+    return loss_sum / n_valid, logits, n_valid
 
 
-def cross_entropy_backward(probs, targets, loss_scale=1.0):
+def cross_entropy_backward(probs, targets, loss_scale=1.0, n_valid=None):
     """Gradient of loss_scale * (mean cross-entropy) w.r.t. the logits, written over probs.
 
-    probs (N, V) from cross_entropy_forward (OVERWRITTEN and returned as dlogits).
+    probs (N, V) from cross_entropy_forward (OVERWRITTEN and returned as dlogits); n_valid as
+    in cross_entropy_forward.
     """
     if gpu.kernels_on(probs):  # kernels.cu on a GPU: probs already holds dlogits
         return gpu.kernels().cross_entropy_backward(probs, loss_scale)
     # loss = (1 / n_valid) * sum over valid rows of -log probs[row, target[row]], so
     # dlogits[row] = (probs[row] - onehot(target[row])) / n_valid, and 0 for ignored rows
     valid = targets != IGNORE_INDEX
-    n_valid = int(valid.sum())
+    if n_valid is None:
+        n_valid = int(valid.sum())
     scale = float(loss_scale) / n_valid  # a Python float: keeps float32 arrays float32
     row_scale = valid.astype(probs.dtype) * scale  # (N,) 0 for ignored rows
     dlogits = probs
     dlogits *= row_scale[:, None]
-    rows = xp.nonzero(valid)[0]
-    dlogits[rows, targets[rows]] -= scale
+    # the one-hot part; an ignored row's "target" is class 0 and it subtracts 0 there
+    dlogits[xp.arange(len(targets)), xp.where(valid, targets, 0)] -= row_scale
     return dlogits
 
 
@@ -564,20 +571,46 @@ def block_backward(params, config, layer, dx_out, cache, cos, sin, grads):
 # The whole model
 
 
-def _check_tokens(name, ids):
+def _check_shape(name, ids):
     if ids.ndim != 2 or ids.dtype.kind not in "iu":
         raise ValueError(f"{name} must be a (B, T) integer array, got shape {ids.shape} {ids.dtype}")
+
+
+def _check_tokens(name, ids, vocab_size):
+    """ids must be a (B, T) integer array of token ids in [0, vocab_size)."""
+    _check_shape(name, ids)
+    if ids.size and (int(ids.min()) < 0 or int(ids.max()) >= vocab_size):
+        raise ValueError(f"token ids must lie in [0, {vocab_size}), got "
+                         f"[{int(ids.min())}, {int(ids.max())}]")
+
+
+def _count_targets(targets, shape, vocab_size):
+    """Check targets (B, T) against idx's shape and the vocabulary; return how many count."""
+    _check_shape("targets", targets)
+    if targets.shape != shape:
+        raise ValueError(f"targets shape {targets.shape} != idx shape {shape}")
+    counted = targets != IGNORE_INDEX
+    if bool((counted & ((targets < 0) | (targets >= vocab_size))).any()):
+        raise ValueError(f"targets must lie in [0, {vocab_size}) or equal IGNORE_INDEX ({IGNORE_INDEX})")
+    n_valid = int(counted.sum())
+    if n_valid == 0:
+        raise ValueError("every target is IGNORE_INDEX: the mean loss over no tokens is undefined")
+    return n_valid
 
 
 def forward(params, config, idx, targets=None):
     """Run the model on idx (B, T) token ids.
 
     Without targets: returns (logits (B, T, V) float32, None).
-    With targets (B, T) (IGNORE_INDEX where no prediction counts): returns (mean loss as a
-    Python float, cache) and the cache feeds `backward`.
+    With targets (B, T) (IGNORE_INDEX where no prediction counts): returns (mean loss, cache) and
+    the cache feeds `backward`. The loss is a float64 scalar of xp: a Python float on NumPy; on a
+    GPU a 0-d array left on the device (float(loss) fetches it, waiting for the GPU).
+
+    idx and targets are checked (and the targets counted) before they are copied to xp: hand
+    in NumPy arrays, as train.py does, and on a GPU the checks cost no wait for the device.
 
     The cache holds what backward needs and nothing else:
-      idx, targets (flattened), the RoPE cos/sin tables,
+      idx, targets (flattened) and n_valid (how many count), the RoPE cos/sin tables,
       per layer: x and x_mid (the residual stream entering each half), rstd_attn and rstd_mlp
         (the RMSNorm scales), a and m (the normalized inputs of the projections), q and k (after
         RoPE), v, att (attention output with heads merged, (N, C)), lse, gate, up, sig = sigmoid(gate)
@@ -585,14 +618,12 @@ def forward(params, config, idx, targets=None):
       x_final (the residual stream after the last block), rstd_final, xf (its normalized form),
       probs: the (N, V) softmax probabilities, in the logits' buffer (backward overwrites them).
     """
-    idx = xp.asarray(idx)
-    _check_tokens("idx", idx)
+    _check_tokens("idx", idx, config.vocab_size)
     B, T = idx.shape
     if T > config.max_position_embeddings:
         raise ValueError(f"sequence length {T} > max_position_embeddings {config.max_position_embeddings}")
-    if int(idx.min()) < 0 or int(idx.max()) >= config.vocab_size:
-        raise ValueError(f"token ids must lie in [0, {config.vocab_size}), got "
-                         f"[{int(idx.min())}, {int(idx.max())}]")
+    n_valid = None if targets is None else _count_targets(targets, idx.shape, config.vocab_size)
+    idx = xp.asarray(idx)
     wte = params["model.embed_tokens.weight"]  # (V, C), also the LM head
     N, C, V = B * T, config.hidden_size, config.vocab_size
     cos, sin = rope_tables(T, config.head_dim, config.rope_theta, wte.dtype)  # (T, D) each
@@ -608,16 +639,9 @@ def forward(params, config, idx, targets=None):
     if targets is None:
         return logits.reshape(B, T, V), None
 
-    targets = xp.asarray(targets)
-    _check_tokens("targets", targets)
-    if targets.shape != idx.shape:
-        raise ValueError(f"targets shape {targets.shape} != idx shape {idx.shape}")
-    targets = targets.reshape(N)
-    bad = (targets != IGNORE_INDEX) & ((targets < 0) | (targets >= V))
-    if bool(bad.any()):
-        raise ValueError(f"targets must lie in [0, {V}) or equal IGNORE_INDEX ({IGNORE_INDEX})")
-    loss, probs, _ = cross_entropy_forward(logits, targets)
-    cache = dict(idx=idx, targets=targets, cos=cos, sin=sin, layers=layer_caches,
+    targets = xp.asarray(targets).reshape(N)
+    loss, probs, _ = cross_entropy_forward(logits, targets, n_valid)
+    cache = dict(idx=idx, targets=targets, n_valid=n_valid, cos=cos, sin=sin, layers=layer_caches,
                  x_final=x, rstd_final=rstd_final, xf=xf, probs=probs)
     return loss, cache
 
@@ -638,7 +662,8 @@ def backward(params, config, cache, loss_scale=1.0, grads=None):
     cos, sin = cache["cos"], cache["sin"]
 
     # loss = cross_entropy(logits, targets)
-    dlogits = cross_entropy_backward(cache.pop("probs"), cache["targets"], loss_scale)  # (N, V)
+    dlogits = cross_entropy_backward(cache.pop("probs"), cache["targets"], loss_scale,
+                                     cache["n_valid"])  # (N, V)
     # logits = xf @ wte.T (the tied LM head: wte's first gradient)
     _add_grad(grads, "model.embed_tokens.weight", matmul(dlogits.T, cache["xf"]))  # (V, C)
     dxf = matmul(dlogits, wte)  # (N, C)
@@ -804,25 +829,34 @@ def default_warmup(max_steps):
     return min(100, max_steps // 10)
 
 
-def clip_grad_norm(grads, max_norm):
-    """Scale all gradients together so their global L2 norm is at most max_norm.
+def global_norm(grads):
+    """The L2 norm of all gradients together: sqrt(sum over every parameter of sum(g * g)), the
+    squares summed in float64 (a float32 sum over 62M squares would lose digits). A float64
+    scalar of xp: a Python float on NumPy; on a GPU it stays on the device (no wait here)."""
+    sum_of_squares = sum(xp.sum(xp.square(g, dtype=xp.float64)) for g in grads.values())
+    return xp.sqrt(sum_of_squares)
 
-    The global norm is sqrt(sum over every parameter of sum(g * g)), the squares summed in
-    float64 (a float32 sum over 62M squares would lose digits). When it exceeds max_norm
-    every gradient is multiplied by max_norm / (norm + 1e-6), which keeps the direction of
-    the step and bounds its size. max_norm <= 0 (or None) turns clipping off. Non-finite norms are left alone (the caller
-    stops the run). Returns the norm before clipping, as a Python float.
+
+def clip_grad_norm(grads, max_norm):
+    """Scale all gradients together so their global L2 norm (global_norm) is at most max_norm.
+
+    When it exceeds max_norm every gradient is multiplied by max_norm / (norm + 1e-6), which
+    keeps the direction of the step and bounds its size. max_norm <= 0 (or None) turns clipping
+    off. Non-finite norms are left alone (the caller stops the run or skips the step).
+    Returns the norm before clipping, a scalar as global_norm's: on a GPU the decision to clip
+    stays on the device too.
 
     >>> g = {"a": xp.asarray([3.0, 0.0], dtype=xp.float32), "b": xp.asarray([4.0], dtype=xp.float32)}
-    >>> clip_grad_norm(g, 1.0)
+    >>> float(clip_grad_norm(g, 1.0))
     5.0
     >>> [round(float(x), 4) for x in to_numpy(g["a"])], round(float(g["b"][0]), 4)
     ([0.6, 0.0], 0.8)
     """
-    sum_of_squares = sum(xp.sum(xp.square(g, dtype=xp.float64)) for g in grads.values())
-    norm = math.sqrt(float(sum_of_squares))  # one wait for a GPU: the only float() here
-    if max_norm is not None and max_norm > 0.0 and math.isfinite(norm) and norm > max_norm:
-        scale = float(max_norm) / (norm + 1e-6)
+    norm = global_norm(grads)
+    if max_norm is not None and max_norm > 0.0:
+        # scale = max_norm / (norm + 1e-6) if the norm is finite and above max_norm, else 1
+        clip = xp.isfinite(norm) & (norm > max_norm)
+        scale = xp.where(clip, max_norm / (norm + 1e-6), 1.0).astype(xp.float32)
         for g in grads.values():
             g *= scale
     return norm
@@ -914,17 +948,14 @@ def forward_step(params, config, idx_new, kv_cache):
     for the whole: e.g. forward_step(ids[:, :5]) then forward_step(ids[:, 5:6]) -> the logits of
     position 5 == forward(ids[:, :6])[0][:, 5].
     """
+    _check_tokens("idx_new", idx_new, config.vocab_size)  # on the host array sample.py passes
     idx_new = xp.asarray(idx_new)
-    _check_tokens("idx_new", idx_new)
     B, T = idx_new.shape
     start, max_len = kv_cache["length"], kv_cache["k"][0].shape[2]
     if B != kv_cache["k"][0].shape[0]:
         raise ValueError(f"idx_new has {B} sequences, the cache was made for {kv_cache['k'][0].shape[0]}")
     if start + T > max_len:
         raise ValueError(f"{T} new tokens after {start} do not fit the cache's {max_len} positions")
-    if int(idx_new.min()) < 0 or int(idx_new.max()) >= config.vocab_size:
-        raise ValueError(f"token ids must lie in [0, {config.vocab_size}), got "
-                         f"[{int(idx_new.min())}, {int(idx_new.max())}]")
     wte = params["model.embed_tokens.weight"]  # (V, C), also the LM head
     cos, sin = kv_cache["cos"][start:start + T], kv_cache["sin"][start:start + T]  # (T, D)
     x = embedding_forward(wte, idx_new).reshape(B * T, config.hidden_size)  # (N, C)

@@ -8,6 +8,7 @@
     python bench.py --tokenizer                       # tokenizer.py beside Hugging Face tokenizers
     python bench.py --config workshop                 # the workshop preset's step (16 x 256 tokens)
     python bench.py --learning checkpoints/workshop   # bits per byte on held-out Python, beside gzip/xz
+    python bench.py --ranks 2                         # train.py over 2 MPI ranks vs one process
 
 What it measures, in order:
 1. The machine's float32 GEMM rate, with albor's own array library (NumPy on a CPU,
@@ -35,7 +36,10 @@ settings and learning-rate schedule, taking turns step by step; total seconds an
 the ratio. With --attention, only this instead: causal GQA attention forward + backward with the
 preset's heads, over batch sizes x sequence lengths, through albor's reference code
 (ALBOR_KERNELS=0's path), its kernels.cu (on a GPU) and PyTorch's
-scaled_dot_product_attention (if installed); the paths' results must agree first.
+scaled_dot_product_attention (if installed); the paths' results must agree first. With
+--ranks N, only this instead: train.py itself on the same cores, as `mpiexec -n N` (the cores
+shared out over the ranks' worker threads) and as one process (a worker thread per core),
+taking turns; seconds per step from each run's metrics.jsonl.
 With --learning DIR, only what the checkpoint in DIR has learned: its bits per byte on held-out
 Python (by default the source of the installed tqdm package: neither trained nor validated on),
 each file on its own, beside gzip -9 and xz -9e compressing each file alone.
@@ -48,11 +52,13 @@ MFU is measured against the faster of the two.
 """
 import argparse
 import collections
+import json
 import math
 import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -62,7 +68,9 @@ import numpy as np  # noqa: E402  (after the line above)
 from tqdm import tqdm  # noqa: E402
 
 import albor  # noqa: E402
+import checkpoint  # noqa: E402
 import cpu  # noqa: E402
+import distributed  # noqa: E402
 import gpu  # noqa: E402
 
 WARMUP_STEPS = 1       # the first step allocates buffers and warms caches; not timed
@@ -760,7 +768,7 @@ def learning_benchmark(folder, held_out):
     except sample.SampleError as e:
         raise SystemExit(f"error: {e}") from None
     state_path = Path(folder) / train.TRAINER_STATE
-    run_args = train.read_json(state_path, "the run's state")["args"] if state_path.exists() else {}
+    run_args = checkpoint.read_json(state_path, "the run's state")["args"] if state_path.exists() else {}
     seq_len = run_args.get("seq_len", config.max_position_embeddings)
     workers = cpu.DataParallel(cpu.cpu_workers())
     files = held_out_files(held_out)
@@ -782,10 +790,62 @@ def learning_benchmark(folder, held_out):
     print(f"  {'gzip -9':<44} {8 * totals['gzip'] / totals['bytes']:>13.3f}")
     print(f"  {'xz -9e':<44} {8 * totals['xz'] / totals['bytes']:>13.3f}")
     summary_path = Path(folder) / train.FINAL_MODEL
-    summary = train.read_json(summary_path, "the run's summary") if summary_path.exists() else {}
+    summary = checkpoint.read_json(summary_path, "the run's summary") if summary_path.exists() else {}
     if summary.get("val_bpb") is not None:
         print(f"  the run's own validation (held-out documents of its corpus): {summary['val_bpb']:.3f} "
               f"bits per byte after {summary.get('tokens', 0):,} tokens of training")
+    return 0
+
+
+# ----------------------------------------------------------------------------
+# 9. MPI ranks against the worker threads (--ranks N): train.py itself, both ways
+
+def ranks_benchmark(config_name, ranks, B, T, grad_accum, steps):
+    """`python train.py` and `mpiexec -n ranks python train.py` on the same cores and the same
+    rows, taking turns (one process, MPI, MPI, one process: a drift of the machine's speed hits
+    both alike); the median seconds per step (each run's first step, which warms up, left out),
+    whether the two wrote the same model bytes, and the load average before and after."""
+    mpiexec = distributed.find_mpiexec()
+    try:
+        import mpi4py  # noqa: F401
+    except ImportError:
+        mpiexec = None
+    if mpiexec is None:
+        raise SystemExit("bench.py --ranks needs mpi4py and an mpiexec: pip install -r requirements-mpi.txt")
+    root = os.path.dirname(os.path.abspath(__file__))
+    argv = [os.path.join(root, "train.py"), "--config", config_name, "--rows", str(steps * B * grad_accum),
+            "--batch-size", str(B), "--seq-len", str(T), "--grad-accum", str(grad_accum),
+            "--max-steps", str(steps), "--val-rows", "0", "--eval-samples", "0"]
+    layouts = {"one process": [sys.executable],
+               f"mpiexec -n {ranks}": [mpiexec, "-n", str(ranks), sys.executable]}
+    names = list(layouts)
+    print(f"train.py on {cpu_count()} CPUs, {config_name}, {steps} steps of {grad_accum} x {B} x {T} tokens "
+          f"per run: {' and '.join(names)}, taking turns (load average before: "
+          f"{' '.join(f'{x:.2f}' for x in os.getloadavg())})")
+    seconds = {name: [] for name in names}
+    setups, weights = {}, {}
+    with tempfile.TemporaryDirectory() as folder:
+        for turn, name in enumerate(names + names[::-1]):
+            out = os.path.join(folder, f"run{turn}")
+            result = subprocess.run(layouts[name] + argv + ["--out", out], cwd=root, capture_output=True,
+                                    text=True)
+            if result.returncode != 0:
+                raise SystemExit(f"{name} python train.py failed:\n{result.stdout}{result.stderr}")
+            with open(os.path.join(out, "metrics.jsonl"), encoding="utf-8") as f:
+                seconds[name] += [json.loads(line)["seconds"] for line in f][1:]
+            setups[name] = next(line for line in result.stdout.splitlines() if " parameters on " in line)
+            with open(os.path.join(out, "model.safetensors"), "rb") as f:
+                weights.setdefault(name, f.read())
+    tokens = B * grad_accum * T
+    for name in names:
+        median = statistics.median(seconds[name]) if seconds[name] else float("nan")
+        print(f"  {name:<14} {median:8.3f} s a step {tokens / median:>8.0f} tokens/s   "
+              f"({setups[name].split(' parameters on ')[1].split(';')[0]})")
+    ratio = statistics.median(seconds[names[1]]) / statistics.median(seconds[names[0]])
+    print(f"  {names[1]} / one process: {ratio:.3f} (step time)")
+    same = weights[names[0]] == weights[names[1]]
+    print(f"  model.safetensors of the two: {'byte-identical' if same else 'different bytes'}")
+    print(f"  load average after: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     return 0
 
 
@@ -893,15 +953,21 @@ def parse_args(argv):
                         help="with --tokenizer: the first N stdlib lines (default 100000)")
     parser.add_argument("--vocab-size", type=int, default=32768,
                         help="with --tokenizer: tokens to train (default 32768)")
+    parser.add_argument("--ranks", type=int, metavar="N",
+                        help="time only train.py as `mpiexec -n N` against one process on the same "
+                             "cores, taking turns, --train-steps steps a run (default 4); needs "
+                             "requirements-mpi.txt")
     args = parser.parse_args(argv)
     config = albor.get_config(args.config)
     if args.held_out is not None and args.learning is None:
         parser.error("--held-out only applies with --learning")
     if args.learning is not None:
-        if args.tokenizer or args.attention or args.train_steps is not None:
-            parser.error("--learning, --tokenizer, --attention and --train-steps are separate benchmarks: "
-                         "give one")
+        if args.tokenizer or args.attention or args.train_steps is not None or args.ranks is not None:
+            parser.error("--learning, --tokenizer, --attention, --train-steps and --ranks are separate "
+                         "benchmarks: give one")
         return args, config
+    if args.ranks is not None and (args.tokenizer or args.attention):
+        parser.error("--ranks, --tokenizer and --attention are separate benchmarks: give one")
     if args.tokenizer:
         if args.attention or args.train_steps is not None:
             parser.error("--tokenizer, --attention and --train-steps are separate benchmarks: give one")
@@ -921,6 +987,8 @@ def parse_args(argv):
         return args, config
     if args.batch_sizes is not None or args.seq_lens is not None:
         parser.error("--batch-sizes and --seq-lens only apply with --attention")
+    if args.ranks is not None and args.ranks < 2:
+        parser.error("--ranks must be at least 2")
     if args.train_steps is not None and args.train_steps < 1:
         parser.error("--train-steps must be at least 1")
     preset = preset_step(args.config)
@@ -946,6 +1014,8 @@ def main(argv=None):
     B, T = args.batch_size, args.seq_len
     tokens = B * T
     kept = cpu.keep_freed_memory()  # as train.py does (for PyTorch too: one process)
+    if args.ranks:
+        return ranks_benchmark(args.config, args.ranks, B, T, args.grad_accum, args.train_steps or 4)
     if args.train_steps:
         return whole_run_benchmark(config, B, T, args.grad_accum, args.train_steps)
 
@@ -972,8 +1042,7 @@ def main(argv=None):
     N = args.grad_accum
     inputs_host = rng.integers(0, config.vocab_size, size=(N, B, T), dtype=np.int64)   # N micro-batches
     targets_host = rng.integers(0, config.vocab_size, size=(N, B, T), dtype=np.int64)  # (N, B, T)
-    inputs = [albor.xp.asarray(a) for a in inputs_host]
-    targets = [albor.xp.asarray(a) for a in targets_host]
+    inputs, targets = list(inputs_host), list(targets_host)  # NumPy, as train.py hands them over
     params = albor.init_params(config, seed=0)
     adamw = cpu.FastAdamW(params)
     print(f"A step as train.py takes it (its train_step): {N} micro-batches, each's gradients added "

@@ -58,7 +58,8 @@ def keep_freed_memory():
 # Each worker thread runs forward + backward of its shard of rows with single-threaded BLAS.
 # NumPy lets go of Python's GIL inside its loops and matmuls, so the workers really run at the
 # same time. Each worker adds into its own gradients, and at the end of the step `gradients()`
-# sums them: what data-parallel training on several GPUs does with an all-reduce.
+# sums them: what data-parallel training on several GPUs does with an all-reduce (distributed.py
+# does it across processes: MPI ranks are more workers, each rank's sum added up by an all-reduce).
 # BLAS must be single-threaded for this, and OpenBLAS reads OPENBLAS_NUM_THREADS only when NumPy
 # loads it, so train.py and bench.py set it to 1 before importing NumPy.
 
@@ -84,21 +85,33 @@ def row_shards(n_rows, workers):
 class DataParallel:
     """forward (+ backward) of a micro-batch, its rows shared out over `workers` threads.
 
+    idx and targets are NumPy arrays, as train.py reads them: their targets are counted, and
+    albor.forward checks them, on the host (on a GPU, without waiting for it). The loss sums it
+    returns are float64 scalars of xp, left on a GPU until train.py fetches them.
+    `clock` is the step's gpu.PhaseClock, kept from step to step (train.train_step uses it).
+
+    With MPI (distributed.py, `mpiexec -n N python train.py`) this process is rank `rank` of
+    `ranks`: each micro-batch's rows are shared out over ranks x workers shards, in rank order,
+    and this process's threads take its rank's shards (so 2 ranks of 1 thread compute exactly
+    what one process of 2 threads does). forward_backward and loss_sum return the loss summed
+    over the counted targets of this process's rows; the caller adds up the ranks' sums.
+
     >>> config = albor.get_config("tiny")
     >>> params = albor.init_params(config)
-    >>> idx = albor.xp.zeros((4, 8), dtype=albor.xp.int64)
+    >>> idx = np.zeros((4, 8), dtype=np.int64)
     >>> workers = DataParallel(2)
-    >>> loss = workers.forward_backward(params, config, idx, idx)   # rows 0-1 and 2-3 in two threads
-    >>> grads = workers.gradients()                                  # their gradients, summed
-    >>> round(loss, 4) == round(albor.forward(params, config, idx, idx)[0], 4)
+    >>> loss_sum = workers.forward_backward(params, config, idx, idx)  # rows 0-1 and 2-3 in two threads
+    >>> grads = workers.gradients()                                    # their gradients, summed
+    >>> round(loss_sum / idx.size, 4) == round(albor.forward(params, config, idx, idx)[0], 4)
     True
     """
 
-    def __init__(self, workers):
-        self.workers = workers
+    def __init__(self, workers, rank=0, ranks=1):
+        self.workers, self.rank, self.ranks = workers, rank, ranks
         self.pool = ThreadPoolExecutor(workers) if workers > 1 else None
         self.grads = [None] * workers  # each worker's gradient dict (None until its first shard)
         self.seconds = {"forward": 0.0, "backward": 0.0}  # summed over steps, averaged over shards
+        self.clock = gpu.PhaseClock()  # train_step's phases; on a GPU one lags a step (gpu.py)
 
     def map(self, work, jobs):
         """work(*job) for every job: on the pool's threads, or in this thread with one worker."""
@@ -106,32 +119,40 @@ class DataParallel:
             return [work(*job) for job in jobs]
         return list(self.pool.map(lambda job: work(*job), jobs))
 
+    def my_rows(self, n_rows):
+        """This process's shards (row slices) of a batch of n_rows, one per worker thread at most."""
+        every_shard = row_shards(n_rows, self.ranks * self.workers)
+        return every_shard[self.rank * self.workers:(self.rank + 1) * self.workers]
+
     def _shards(self, targets):
-        """(worker, row slice, counted targets in it) for each shard with a target to count."""
+        """((worker, row slice, counted targets in it) for each of this process's shards with a
+        target to count, the counted targets of the whole batch: every rank's rows), all counted
+        on the host (targets is a NumPy array)."""
         shards = []
-        for worker, rows in enumerate(row_shards(targets.shape[0], self.workers)):
+        for worker, rows in enumerate(self.my_rows(targets.shape[0])):
             n_valid = int((targets[rows] != albor.IGNORE_INDEX).sum())
             if n_valid > 0:
                 shards.append((worker, rows, n_valid))
-        if not shards:
+        n_valid = int((targets != albor.IGNORE_INDEX).sum())
+        if n_valid == 0:
             raise ValueError("every target is IGNORE_INDEX: the mean loss over no tokens is undefined")
-        return shards
+        return shards, n_valid
 
-    def loss(self, params, config, idx, targets):
-        """The mean loss over the counted targets of idx, targets (B, T): forward only."""
-        shards = self._shards(targets)
-        n_valid = sum(count for _, _, count in shards)
+    def loss_sum(self, params, config, idx, targets):
+        """The loss summed over the counted targets of this process's rows of idx, targets (B, T)
+        (each shard's mean loss times its count): forward only."""
+        shards, _ = self._shards(targets)
 
         def work(worker, rows, count):
             return albor.forward(params, config, idx[rows], targets[rows])[0] * count
-        return sum(self.map(work, shards)) / n_valid
+        return sum(self.map(work, shards))
 
     def forward_backward(self, params, config, idx, targets, loss_scale=1.0):
         """Add the gradients of loss_scale * (mean loss over the micro-batch's counted targets)
-        into the workers' gradients; return that mean loss. A shard's mean loss counts with
-        weight (its counted targets) / (the micro-batch's), and so does its gradient."""
-        shards = self._shards(targets)
-        n_valid = sum(count for _, _, count in shards)
+        into the workers' gradients (this process's rows' share of them); return the loss summed
+        over this process's rows' counted targets. A shard's mean loss counts with weight (its
+        counted targets) / (the micro-batch's), and so does its gradient."""
+        shards, n_valid = self._shards(targets)
 
         def work(worker, rows, count):
             start = time.perf_counter()
@@ -141,15 +162,18 @@ class DataParallel:
                                                 self.grads[worker])
             return loss * count, forward_done - start, time.perf_counter() - forward_done
         results = self.map(work, shards)
-        self.seconds["forward"] += sum(seconds for _, seconds, _ in results) / len(results)
-        self.seconds["backward"] += sum(seconds for _, _, seconds in results) / len(results)
-        return sum(weighted for weighted, _, _ in results) / n_valid
+        if results:   # (a rank whose rows have nothing to count adds nothing)
+            self.seconds["forward"] += sum(seconds for _, seconds, _ in results) / len(results)
+            self.seconds["backward"] += sum(seconds for _, _, seconds in results) / len(results)
+        return sum(weighted for weighted, _, _ in results)
 
     def gradients(self):
         """The sum of the workers' gradients since the last call (worker 0's dict, the others
         added in, parameters shared out over the threads); the workers start afresh after it."""
         grads = [g for g in self.grads if g is not None]
         self.grads = [None] * self.workers
+        if not grads:
+            return None   # no shard of this process had a target to count
         total, others = grads[0], grads[1:]
         if others:
             names = list(total)

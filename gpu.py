@@ -3,11 +3,14 @@
 albor.py is the model written once for NumPy and CuPy alike (`xp`). This file holds the rest
 of the GPU path, in the order albor.py meets it:
 
-1. the backend: `xp` is CuPy when a CUDA GPU is usable, NumPy otherwise;
+1. the backend: `xp` is CuPy when a CUDA GPU is usable, NumPy otherwise; `fetch` brings device
+   scalars to the host, all in one copy (the one wait a training step has);
 2. the settings a run picks (`configure`, or `with settings(...)` for a while): whether the
    layers hand their work to kernels.cu, and the precision of the linear layers' matmuls;
 3. `Kernels`: kernels.cu's launches, each shaped like the albor layer it replaces;
-4. `matmul` in tf32 / bf16 / fp16 through cuBLAS;
+4. mixed precision (--dtype tf32 / bf16 / fp16): the matmuls' operands in half precision,
+   the weights' half copies (`half_weights`), cuBLAS's GemmEx, and the same numbers emulated
+   on a CPU;
 5. `LossScaler` (dynamic loss scaling for fp16) and `PhaseClock` (a step's phases timed with
    CUDA events, without stopping the GPU).
 
@@ -21,6 +24,13 @@ kernel against it (on a CPU too, through the emulator in tests/kernel_emu.py), a
 ALBOR_KERNELS=0 runs the reference code on a GPU as well, so the two can be compared there.
 Layers with kernels: embedding_backward, rmsnorm_*, attention_*, swiglu_*, cross_entropy_*
 (one fused kernel) and AdamW's update; the matmuls are cuBLAS's and RoPE stays in CuPy.
+
+Waiting for the GPU: CuPy queues work and returns at once; the host waits only when it reads a
+value back (float(), int(), bool(), printing, to_numpy, boolean-mask indexing, nonzero). The
+training step reads back once per optimizer step (train.apply_update: the losses and the
+gradient norm, in one `fetch`); token ids and targets are checked and counted on the host
+before they are copied up (albor.forward), and the loss and the norm stay on the device until
+then. tests/test_gpu_path.py counts the waits with a stand-in device (tests/fake_device.py).
 
 Determinism: the kernels use no atomics (each output is summed by one thread in a fixed
 order), cuBLAS gives the same bits for the same call on the same GPU, and CuPy's reductions
@@ -68,6 +78,17 @@ def to_numpy(a):
     return xp.asnumpy(a) if BACKEND == "cupy" else np.asarray(a)
 
 
+def fetch(*scalars):
+    """Python floats of scalars of xp (0-d arrays; plain numbers pass through), brought to the
+    host in ONE copy. On a GPU that copy waits for everything queued before it, once.
+
+    >>> fetch(xp.asarray(0.5), 2)
+    (0.5, 2.0)
+    """
+    stacked = xp.stack([xp.asarray(scalar, dtype=xp.float64) for scalar in scalars])  # (n,)
+    return tuple(to_numpy(stacked).tolist())
+
+
 # -----------------------------------------------------------------------------
 # 2. Settings: kernels.cu on or off, and the matmul precision
 
@@ -90,15 +111,13 @@ def configure(**changes):
     """Change the settings for this process; returns the previous values of those changed.
 
     kernels: a Kernels (the layers that have a kernel run it) or None (the reference code).
-    matmul_dtype: "fp32" (plain float32, the default) or, on a GPU only, "tf32", "bf16", "fp16".
+    matmul_dtype: the linear layers' precision (section 4): "fp32" (the default), "tf32",
+    "bf16" or "fp16"; on a CPU the last three are emulated (slower than fp32).
     """
     for name, value in changes.items():
         if name == "matmul_dtype":
             if value not in MATMUL_DTYPES:
                 raise ValueError(f"matmul dtype must be one of {', '.join(MATMUL_DTYPES)}, got {value!r}")
-            if value != "fp32" and BACKEND != "cupy":
-                raise ValueError(f"dtype {value} needs a GPU (the CuPy backend); on the CPU albor "
-                                 "computes in float32 only (use fp32)")
         elif name == "kernels":
             if value is not None and not isinstance(value, Kernels):
                 raise TypeError(f"kernels must be a gpu.Kernels or None, got {type(value).__name__}")
@@ -312,26 +331,29 @@ class Kernels:
             (dh, gate, up, dgate, dup, np.int32(gate.size)))
         return dgate, dup
 
-    def cross_entropy_forward(self, logits, targets, loss_scale=1.0):
+    def cross_entropy_forward(self, logits, targets, loss_scale=1.0, n_valid=None):
         """albor.cross_entropy_forward and _backward, fused: one read of the (N, V) logits.
 
         logits (N, V) float32 is OVERWRITTEN with dlogits (the gradient of loss_scale * mean
-        loss), not with the probabilities; targets (N,) int. Returns (mean loss over the
-        counted rows as a Python float, dlogits, number of counted rows). So on this path
+        loss), not with the probabilities; targets (N,) int; n_valid: the number of targets
+        that count, if the caller has it (albor.forward counts them on the host; else they are
+        counted here, a wait on a GPU). Returns (mean loss over the counted rows as a float64
+        scalar of xp, left on the device; dlogits; n_valid). So on this path
         albor.cross_entropy_backward only multiplies dlogits by its loss_scale.
         """
         xp = self.xp
         _check_float32(logits=logits)
         N, V = logits.shape
         targets = xp.ascontiguousarray(targets, dtype=xp.int32)
-        n_valid = int((targets != IGNORE_INDEX).sum())
+        if n_valid is None:
+            n_valid = int((targets != IGNORE_INDEX).sum())
         if n_valid == 0:
             raise ValueError("every target is IGNORE_INDEX: the mean loss over no tokens is undefined")
         losses = xp.empty((N,), dtype=xp.float32)
         self.function("cross_entropy_forward_backward")(
             (N,), (CE_THREADS,),
             (logits, targets, losses, np.int32(V), np.float32(loss_scale / n_valid)))
-        loss = float(losses.sum(dtype=xp.float64)) / n_valid
+        loss = losses.sum(dtype=xp.float64) / n_valid
         return loss, logits, n_valid
 
     def cross_entropy_backward(self, dlogits, loss_scale=1.0):
@@ -354,49 +376,204 @@ if kernels_setting() and BACKEND == "cupy":
     configure(kernels=Kernels())  # compiled on first use
 
 # -----------------------------------------------------------------------------
-# 4. Low-precision matmuls: --dtype fp32 | tf32 | bf16 | fp16
+# 4. Mixed precision: --dtype fp32 | tf32 | bf16 | fp16
 #
-# The weights stay float32 (the "master" copy AdamW updates, with float32 m and v), and so do
-# the activations and every layer outside the matmuls. Only the linear layers' products
-# (albor.matmul) change: cuBLAS's GemmEx reads the float32 arrays, rounds the inputs to the
-# chosen format INSIDE the product, multiplies on the tensor cores, and adds up and writes
-# float32 (cublasComputeType_t CUBLAS_COMPUTE_32F_FAST_TF32 / _FAST_16BF / _FAST_16F; cuBLAS may
-# also pick TF32 for the last two, "allows down-converting inputs to half or TF32"). No
-# float16 copies of the weights are kept, nothing is cast by hand.
-#   tf32  10-bit mantissa, float32's range       no loss scaling needed
-#   bf16   7-bit mantissa, float32's range       no loss scaling needed
-#   fp16  10-bit mantissa, range 6e-8 .. 65504   gradients underflow: LossScaler below
-# What a CPU can and cannot check: tests/test_gpu_path.py checks the row-major -> column-major
-# argument mapping of the GemmEx call on the CPU (a NumPy model of cuBLAS's GEMM), and that a
-# CPU refuses anything but fp32. The call itself, its speed and its rounding are checked only on
-# a GPU (the gpu-marked tests).
+# Only the products of the linear layers (albor.matmul) change; every other number is float32:
+# the weights AdamW updates (the "master" weights) with its m and v, the gradients, the
+# residual stream and its sums, RMSNorm (statistics and all), RoPE, attention and its softmax,
+# SwiGLU, the softmax cross-entropy, every reduction.
+#
+#   fp32  float32 operands and sums (cuBLAS SGEMM; NumPy's BLAS on a CPU)
+#   tf32  float32 operands rounded to 10 mantissa bits inside the product, float32 sums
+#   bf16  operands stored as bfloat16 (7+1 mantissa bits, float32's range), float32 sums
+#   fp16  operands stored as float16 (10+1 mantissa bits, range 6e-8 .. 65504), float32 sums,
+#         with dynamic loss scaling (LossScaler, section 5): small gradients would round to 0
+#
+# bf16 and fp16 keep a half copy of every weight matrix: `half_weights(params)` makes them once
+# per optimizer step, from the weights the last update left (train.train_step), and a product
+# reads its weight from there. The other operand (an activation, or the gradient flowing back)
+# is rounded to half as it enters the product (`half_operand`). The product sums in float32 and
+# is written in float32: cuBLAS GemmEx with A and B half, C float32, compute type 32F, the
+# tensor cores' mixed-precision mode. Not in half, because every reader of a product computes in
+# float32 (kernels.cu reads float32 only, and so do the residual adds and the softmax): a half
+# output would be converted straight back, one more pass and one more rounding for nothing. So a
+# weight's gradient, the product of two half-rounded operands, is float32 too and adds into the
+# float32 gradients.
+#
+# On a GPU the half operands are real half arrays: float16, and bfloat16 as its bits in uint16
+# (cuBLAS reads them as CUDA_R_16BF; CuPy has no bfloat16 of its own). A CPU runs the same
+# numbers, emulated (slower than fp32: for tests and teaching): `to_half` rounds to the same
+# values but keeps them in float32, and `emulated_gemm` multiplies them with NumPy's BLAS. The
+# product of two half numbers is exact in float32, so the emulation differs from the tensor
+# cores only in the order of the float32 sums. tf32's operands are rounded in emulated_gemm
+# (on a GPU cuBLAS rounds them itself). The tests check each rounding against NumPy's float16
+# and a slow reference, and the stand-in GPU of tests/fake_device.py runs the GPU's storage
+# (float16 arrays, bfloat16 bits) through a training step to the same bytes as the CPU's.
+# What only a GPU checks (the gpu-marked tests): the GemmEx call itself, and that it gives the
+# emulation's numbers up to the order of the sums.
 
-_CUBLAS_COMPUTE_TYPES = {"tf32": 77, "bf16": 75, "fp16": 74}  # CUBLAS_COMPUTE_32F_FAST_TF32,
-                                                              # _FAST_16BF, _FAST_16F (cublas_api.h)
-_CUDA_R_32F = 0                          # cudaDataType_t of float32 (library_types.h)
-CUBLAS_OP_N, CUBLAS_OP_T = 0, 1          # cublasOperation_t
-_CUBLAS_GEMM_DEFAULT = -1                # cublasGemmAlgo_t: let cuBLAS choose
+HALF_DTYPES = ("bf16", "fp16")   # the --dtypes with half copies of the weights
+
+
+def _rounded_bits(x, dropped):
+    """The upper bits of float32 x (uint32, shifted down) after rounding off its lowest
+    `dropped` mantissa bits: to nearest, ties to even (adding 0x7FF..F plus the lowest kept bit
+    carries exactly when the dropped part is above half, or half with an odd kept part). A NaN
+    becomes the quiet NaN (its payload could carry into inf); beyond the largest finite number
+    of the shorter format, inf."""
+    bits = xp.ascontiguousarray(x, dtype=xp.float32).view(xp.uint32)
+    lowest_kept = (bits >> np.uint32(dropped)) & np.uint32(1)
+    kept = (bits + lowest_kept + np.uint32((1 << (dropped - 1)) - 1)) >> np.uint32(dropped)
+    nan = (bits & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000)
+    return xp.where(nan, np.uint32(0x7FC00000 >> dropped), kept)
+
+
+def bf16_bits(x):
+    """x (float32) rounded to bfloat16, as its 16 bits (uint16). bfloat16 is the upper half of a
+    float32: sign, 8 exponent bits, 7 mantissa bits.
+
+    >>> bf16_bits(np.float32([1.0, 1 + 2**-8, 1 + 3 * 2**-8, -2.0, np.inf]))  # ties go to even
+    array([16256, 16256, 16258, 49152, 32640], dtype=uint16)
+    """
+    return _rounded_bits(x, 16).astype(xp.uint16)
+
+
+def round_to_tf32(x):
+    """x (float32) rounded to tf32's 10 mantissa bits (to nearest, ties to even), as float32."""
+    return (_rounded_bits(x, 13) << np.uint32(13)).view(xp.float32)
+
+
+def round_to_fp16(x):
+    """x (float32) rounded to float16's numbers (to nearest, ties to even), kept in float32:
+    10 mantissa bits as far down as float16's exponents reach (2**-14), below that its
+    subnormals (steps of 2**-24; rint rounds ties to even), beyond 65504 inf."""
+    with np.errstate(over="ignore", invalid="ignore"):  # x * 2**24 of the large x: not used
+        subnormal = xp.rint(x * 2.0**24) * 2.0**-24
+    rounded = xp.where(xp.abs(x) < 2.0**-14, subnormal, round_to_tf32(x))
+    return xp.where(xp.abs(rounded) > 65504.0, xp.copysign(xp.inf, x), rounded)
+
+
+def to_half(x, dtype):
+    """float32 x rounded to the half format of `dtype` ("fp16": float16, beyond 65504 inf, the
+    overflow the LossScaler watches for; "bf16": bfloat16). On a GPU real half arrays, as
+    cuBLAS reads them: float16, bfloat16 as its bits in uint16. On a CPU the same numbers kept
+    in float32, as NumPy's BLAS reads them (NumPy converts to float16 slowly, very slowly for
+    float16's subnormals, and has no bfloat16)."""
+    if BACKEND == "cupy":
+        return x.astype(xp.float16) if dtype == "fp16" else bf16_bits(x)
+    return round_to_fp16(x) if dtype == "fp16" else to_float32(bf16_bits(x))
+
+
+def to_float32(x):
+    """A half operand back in float32, exactly (every half number is a float32 number); float32
+    passes through."""
+    if x.dtype == np.float16:
+        return x.astype(xp.float32)
+    if x.dtype == np.uint16:  # bfloat16 bits: the upper half of a float32
+        return (x.astype(xp.uint32) << np.uint32(16)).view(xp.float32)
+    return x
+
+
+_half_copies = {}   # inside half_weights(): (address, shape, strides) of a weight -> its half copy
+
+
+def _memory(x):
+    """Where x's numbers start and how x steps through them: (address, shape, strides)."""
+    interface = getattr(x, "__cuda_array_interface__", None) or x.__array_interface__
+    return interface["data"][0], x.shape, x.strides
+
+
+@contextlib.contextmanager
+def half_weights(params):
+    """With --dtype bf16/fp16: half copies of the weight matrices of params, read by every
+    product inside the with-block (fp32/tf32: nothing to do). train.py makes them once per
+    optimizer step, before its micro-batches: the weights must not change inside the block."""
+    dtype = _settings["matmul_dtype"]
+    if dtype not in HALF_DTYPES:
+        yield
+        return
+    copies = {_memory(w): to_half(w, dtype) for w in params.values()
+              if w.ndim == 2 and w.dtype == np.float32}
+    _half_copies.update(copies)
+    try:
+        yield
+    finally:
+        for key in copies:
+            _half_copies.pop(key, None)
+
+
+def half_operand(x):
+    """x as a bf16/fp16 product reads it: a weight's half copy (or its transpose, for w.T) when
+    half_weights made one, else x rounded to half now."""
+    address, shape, strides = _memory(x)
+    half = _half_copies.get((address, shape, strides))
+    if half is None and x.ndim == 2:
+        transposed = _half_copies.get((address, shape[::-1], strides[::-1]))
+        half = None if transposed is None else transposed.T
+    return half if half is not None else to_half(x, _settings["matmul_dtype"])
 
 
 def low_precision(a, b):
-    """Whether albor.matmul(a, b) goes to cuBLAS in a lower precision: a --dtype other than
-    fp32 and two non-empty float32 matrices."""
+    """Whether albor.matmul(a, b) goes through `matmul` below: a --dtype other than fp32 and two
+    non-empty float32 matrices (float64 runs, like the gradient checks, stay exact)."""
     return (_settings["matmul_dtype"] != "fp32" and a.ndim == 2 and b.ndim == 2
             and a.dtype == np.float32 and b.dtype == np.float32 and a.size > 0 and b.size > 0)
 
 
 def matmul(a, b):
-    """a (M, K) @ b (K, N) -> (M, N) float32, in one cublasGemmEx call at the matmul dtype's
-    precision; a weight's transposed view w.T is read in place, as `@` does."""
+    """a (M, K) @ b (K, N) -> (M, N) float32 at the --dtype's precision: bf16/fp16 on half
+    operands, tf32 on float32 ones rounded in the product. On a GPU one cublasGemmEx call (a
+    weight's transposed view w.T is read in place, as `@` does); on a CPU its emulation."""
+    if _settings["matmul_dtype"] in HALF_DTYPES:
+        a, b = half_operand(a), half_operand(b)
+    if BACKEND == "cupy":
+        return cublas_gemm(a, b)
+    return emulated_gemm(a, b)
+
+
+def emulated_gemm(a, b):
+    """The CPU's stand-in for cuBLAS's product: half operands converted back to float32 (exact),
+    tf32's operands rounded to 10 mantissa bits, then a float32 product with float32 sums."""
+    with np.errstate(over="ignore", invalid="ignore"):  # an overflowed operand: inf, NaN, no warning
+        if _settings["matmul_dtype"] == "tf32":
+            return round_to_tf32(a) @ round_to_tf32(b)
+        return to_float32(a) @ to_float32(b)
+
+
+# GemmEx's enums (library_types.h, cublas_api.h)
+_CUDA_TYPES = {np.dtype(np.float32): 0, np.dtype(np.float16): 2, np.dtype(np.uint16): 14}
+#              CUDA_R_32F,              CUDA_R_16F,              CUDA_R_16BF (bfloat16 bits)
+_CUBLAS_COMPUTE_32F, _CUBLAS_COMPUTE_32F_FAST_TF32 = 68, 77
+CUBLAS_OP_N, CUBLAS_OP_T = 0, 1          # cublasOperation_t
+_CUBLAS_GEMM_DEFAULT = -1                # cublasGemmAlgo_t: let cuBLAS choose
+
+
+def gemm_types(a, b):
+    """(cudaDataType of A and B, cublasComputeType) for a GemmEx product of these operands at
+    the current --dtype. The output C is always CUDA_R_32F.
+
+    float16 -> CUDA_R_16F, bfloat16 bits (uint16) -> CUDA_R_16BF, float32 -> CUDA_R_32F;
+    compute CUBLAS_COMPUTE_32F (float32 sums; with half operands the tensor cores' mode), or
+    CUBLAS_COMPUTE_32F_FAST_TF32 for tf32 (cuBLAS rounds the float32 operands to tf32).
+    """
+    if a.dtype != b.dtype:
+        raise TypeError(f"GemmEx operands must have one type, got {a.dtype} and {b.dtype}")
+    tf32 = _settings["matmul_dtype"] == "tf32"
+    return _CUDA_TYPES[np.dtype(a.dtype)], _CUBLAS_COMPUTE_32F_FAST_TF32 if tf32 else _CUBLAS_COMPUTE_32F
+
+
+def cublas_gemm(a, b):
+    """a @ b -> float32 in one cublasGemmEx call (gemm_plan, gemm_types). GPU only."""
     from cupy.cuda import device  # the GPU path only
     from cupy_backends.cuda.libs import cublas
-    out = xp.empty((a.shape[0], b.shape[1]), dtype=xp.float32)
+    data_type, compute_type = gemm_types(a, b)
     plan = gemm_plan(a, b)
+    out = xp.empty((a.shape[0], b.shape[1]), dtype=xp.float32)
     one, zero = np.ones((), np.float32), np.zeros((), np.float32)  # host alpha and beta
     cublas.gemmEx(device.get_cublas_handle(), plan["op_b"], plan["op_a"], plan["m"], plan["n"],
-                  plan["k"], one.ctypes.data, plan["b"].data.ptr, _CUDA_R_32F, plan["ld_b"],
-                  plan["a"].data.ptr, _CUDA_R_32F, plan["ld_a"], zero.ctypes.data, out.data.ptr,
-                  _CUDA_R_32F, plan["ld_out"], _CUBLAS_COMPUTE_TYPES[_settings["matmul_dtype"]],
+                  plan["k"], one.ctypes.data, plan["b"].data.ptr, data_type, plan["ld_b"],
+                  plan["a"].data.ptr, data_type, plan["ld_a"], zero.ctypes.data, out.data.ptr,
+                  _CUDA_TYPES[np.dtype(np.float32)], plan["ld_out"], compute_type,
                   _CUBLAS_GEMM_DEFAULT)
     return out
 
@@ -438,7 +615,7 @@ class LossScaler:
     """Dynamic loss scaling for float16 matmuls (train.py --dtype fp16). Backend-free.
 
     float16 holds magnitudes from 6e-8 to 65504, and many gradients are smaller than 6e-8:
-    rounded to float16 on their way into a matmul, they would become 0. So the backward is
+    rounded to float16 on their way into a matmul (section 4), they would become 0. So the backward is
     run on scale * loss (backward's loss_scale): every gradient is `scale` times larger, clear
     of underflow. Before clipping and the optimizer step they are divided by the scale again
     (`unscale`: the scale is a power of two, so that is exact). Too large a scale overflows:
@@ -448,7 +625,9 @@ class LossScaler:
     largest scale that works.
 
     Overflow is read off the global gradient norm: the norm of a set of gradients is finite
-    exactly when every gradient is, so the one number the step fetches anyway decides.
+    exactly when every gradient is, so the one number the step fetches anyway decides. (A
+    gradient overflows where it is rounded to float16 on its way into a product: beyond 65504
+    it becomes inf, and inf flows on into the weights' gradients.)
 
     >>> scaler = LossScaler(scale=8.0, growth_interval=2)
     >>> scaler.update(grads_finite=False), scaler.scale   # overflow: skip the step, halve
@@ -508,8 +687,13 @@ class PhaseClock:
     On the GPU work is queued and runs later, so a host clock read between phases measures
     the queueing unless it waits for the GPU, and waiting at every phase costs time. Here
     `mark(phase)` records a CUDA event on the stream (cupy.cuda.Event: the GPU timestamps it
-    when it gets there), and `collect()` waits once, for the last event, and adds up the GPU
-    time between consecutive events. On NumPy a mark simply reads time.perf_counter.
+    when it gets there), and `collect()` adds up the GPU time between consecutive events. On
+    NumPy a mark simply reads time.perf_counter.
+
+    collect(wait=False) waits for nothing: it adds up the phases whose closing event the GPU
+    has reached and keeps the rest for a later collect. train.py's step reads the clock after
+    its one wait (for the loss and the norm), so the optimizer phase queued after that wait is
+    added one step later (keep one clock for the run: DataParallel.clock).
 
     >>> clock = PhaseClock(); clock.start(); clock.mark("forward"); clock.mark("backward")
     >>> sorted(clock.collect())
@@ -518,7 +702,7 @@ class PhaseClock:
 
     def __init__(self):
         self.seconds = {}
-        self._marks = []   # (phase, event or time) since start()
+        self._marks = []   # (phase, event or time), oldest first; phase None: a start
 
     def _now(self):
         if BACKEND == "cupy":
@@ -528,25 +712,30 @@ class PhaseClock:
         return time.perf_counter()
 
     def start(self):
-        self._marks = [(None, self._now())]
+        """A step begins: the time since the previous mark belongs to no phase."""
+        self._marks.append((None, self._now()))
 
     def mark(self, phase):
         """The phase that began at the previous mark (or start) ends now."""
         self._marks.append((phase, self._now()))
 
-    def collect(self):
-        """Wait for the last mark, add each phase's time into self.seconds; returns this
-        step's {phase: seconds}."""
-        step = {}
-        if BACKEND == "cupy":
+    def collect(self, wait=True):
+        """Add the finished phases' times into self.seconds and return them ({phase: seconds}).
+        wait=True: wait for the last mark first (then every phase is finished)."""
+        gpu_events = BACKEND == "cupy"
+        if wait and gpu_events and self._marks:
             self._marks[-1][1].synchronize()
-        for (_, before), (phase, after) in zip(self._marks, self._marks[1:]):
-            if BACKEND == "cupy":
-                elapsed = xp.cuda.get_elapsed_time(before, after) / 1000.0  # ms -> s
-            else:
-                elapsed = after - before
-            step[phase] = step.get(phase, 0.0) + elapsed
+        step, done = {}, 0
+        for i in range(1, len(self._marks)):
+            (_, before), (phase, after) = self._marks[i - 1], self._marks[i]
+            if gpu_events and not after.done:   # the GPU has not got there yet
+                break
+            if phase is not None:
+                elapsed = (xp.cuda.get_elapsed_time(before, after) / 1000.0 if gpu_events  # ms -> s
+                           else after - before)
+                step[phase] = step.get(phase, 0.0) + elapsed
+            done = i
+        self._marks = self._marks[done:]   # the last finished mark opens the next phase
         for phase, elapsed in step.items():
             self.seconds[phase] = self.seconds.get(phase, 0.0) + elapsed
-        self._marks = []
         return step

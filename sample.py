@@ -333,8 +333,14 @@ def main(argv=None):
         parser.error("--top-k must be 0 or more")
     if not 0 < args.top_p <= 1:
         parser.error("--top-p must lie in (0, 1]")
+    if args.seed < 0:
+        parser.error("--seed must be 0 or more")
     if not args.prompt:
         parser.error("--prompt is empty")
+    try:
+        args.prompt.encode("utf-8")
+    except UnicodeEncodeError:   # bytes that are not UTF-8 on the command line arrive as lone surrogates
+        parser.error("--prompt is not UTF-8 text")
     try:
         config, params, tok = load(args.checkpoint)
     except SampleError as e:

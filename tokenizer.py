@@ -120,6 +120,39 @@ def merge_pair(ids, pair, new_id):
     return merged
 
 
+def _merge_in_words(pair, new_id, words, freqs, pair_counts, pair_words, heap):
+    """Tokenizer.train's step 3: merge `pair` into new_id in every word that holds it, in
+    place, and move the counts: each old pair of such a word loses the word's frequency, each
+    new pair gains it; changed counts are pushed onto the heap again (lazy deletion).
+
+    Example: word [a, b, a, b] (frequency 3), pair (a, b) -> Z: the word becomes [Z, Z];
+    (a, b) loses 6, (b, a) loses 3, (Z, Z) gains 3.
+    """
+    changed = set()
+    for w in pair_words.pop(pair):
+        word, freq = words[w], freqs[w]
+        new_word = merge_pair(word, pair, new_id)
+        old_pairs = list(zip(word, word[1:]))
+        new_pairs = list(zip(new_word, new_word[1:]))
+        for p in old_pairs:
+            pair_counts[p] -= freq
+        for p in new_pairs:
+            pair_counts[p] += freq
+        for p in set(old_pairs).difference(new_pairs):
+            if p != pair:
+                pair_words[p].discard(w)
+        for p in new_pairs:
+            pair_words[p].add(w)
+        changed.update(old_pairs)
+        changed.update(new_pairs)
+        words[w] = new_word
+    for p in changed:
+        if pair_counts[p] > 0:
+            heapq.heappush(heap, (-pair_counts[p], p))
+        else:
+            del pair_counts[p]
+
+
 # ----------------------------------------------------------------------------
 # The tokenizer
 
@@ -237,29 +270,7 @@ class Tokenizer:
                 bar.update(1)
 
             # 3. Rewrite the words that contain the pair; move their pair counts.
-            changed = set()
-            for w in pair_words.pop(pair):
-                word, freq = words[w], freqs[w]
-                new_word = merge_pair(word, pair, new_id)
-                old_pairs = list(zip(word, word[1:]))
-                new_pairs = list(zip(new_word, new_word[1:]))
-                for p in old_pairs:
-                    pair_counts[p] -= freq
-                for p in new_pairs:
-                    pair_counts[p] += freq
-                for p in set(old_pairs).difference(new_pairs):
-                    if p != pair:
-                        pair_words[p].discard(w)
-                for p in new_pairs:
-                    pair_words[p].add(w)
-                changed.update(old_pairs)
-                changed.update(new_pairs)
-                words[w] = new_word
-            for p in changed:
-                if pair_counts[p] > 0:
-                    heapq.heappush(heap, (-pair_counts[p], p))
-                else:
-                    del pair_counts[p]
+            _merge_in_words(pair, new_id, words, freqs, pair_counts, pair_words, heap)
         if bar is not None:
             bar.close()
         if stop_reason is not None:
@@ -285,25 +296,43 @@ class Tokenizer:
             ids = merge_pair(ids, best, self.merges[best])
         return ids
 
-    def encode(self, text):
+    def encode(self, text, max_tokens=None):
         """Text -> ids. Lossless: decode(encode(text)) == text for every str.
 
         Special-token strings in `text` are encoded as ordinary bytes (never as
         EOT_ID/PAD_ID). A str holding a lone surrogate (e.g. "\\ud800", which can
         come from a bad decode with errors="surrogateescape") is not Unicode text
         and has no UTF-8 encoding: that raises ValueError.
+
+        max_tokens: encode only the start of text, until there are at least max_tokens
+        ids (all of the last chunk's). Chunks are split off one at a time, so the rest
+        of the text is never read: 129 ids of a 50 MB document cost what 129 ids cost.
+        They are the first ids encode(text) gives, except inside a chunk longer than
+        max_tokens times the longest token (a run of 100,000 letters, say): only that
+        many of its bytes are encoded, which is enough for max_tokens ids.
         """
+        if max_tokens is None:
+            chunks = split_text(text)
+        else:
+            chunks = (match.group() for match in SPLIT_REGEX.finditer(text))
         ids = []
-        for chunk in split_text(text):
+        for chunk in chunks:
             chunk_ids = self.cache.get(chunk)
             if chunk_ids is None:
                 try:
                     chunk_bytes = chunk.encode("utf-8")
                 except UnicodeEncodeError as err:
                     raise ValueError(f"cannot encode text: {err.reason} ({chunk[err.start:err.end]!r} is not valid Unicode text)") from None
+                if max_tokens is not None and len(chunk_bytes) > max_tokens:   # (cheap test first)
+                    enough = max_tokens * max(map(len, self.token_bytes))
+                    if len(chunk_bytes) > enough:
+                        ids.extend(self.encode_chunk(chunk_bytes[:enough]))
+                        break
                 chunk_ids = self.encode_chunk(chunk_bytes)
                 self.cache[chunk] = chunk_ids
             ids.extend(chunk_ids)
+            if max_tokens is not None and len(ids) >= max_tokens:
+                break
         return ids
 
     def decode(self, ids):
@@ -375,8 +404,11 @@ class Tokenizer:
         """
         try:
             data = json.loads(Path(path).read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise ValueError(f"{path}: cannot read a tokenizer.json: {err}") from None
+        except OSError as err:
+            raise ValueError(f"{path}: cannot read a tokenizer.json: {err.strerror or err}") from None
+        except (UnicodeDecodeError, ValueError, RecursionError) as err:   # RecursionError: '[' * 10**6
+            reason = "nested too deeply" if isinstance(err, RecursionError) else str(err).splitlines()[0]
+            raise ValueError(f"{path}: cannot read a tokenizer.json: not valid JSON: {reason}") from None
         try:
             tok = cls.from_json(data)
         except ValueError as err:
@@ -396,21 +428,25 @@ class Tokenizer:
 
         require(isinstance(data, dict) and isinstance(data.get("model"), dict), "no 'model' object")
         model = data["model"]
-        require(model.get("type") == "BPE", f"model type is {model.get('type')!r}, expected 'BPE'")
+        require(model.get("type") == "BPE", f"model type is {model.get('type')!r:.40}, expected 'BPE'")
         require(data.get("normalizer") is None, "it has a normalizer (albor uses none)")
-        pre = data.get("pre_tokenizer") or {}
-        steps = pre.get("pretokenizers") if pre.get("type") == "Sequence" else None
-        require(isinstance(steps, list) and len(steps) == 2
+        pre = data.get("pre_tokenizer")
+        steps = pre.get("pretokenizers") if isinstance(pre, dict) and pre.get("type") == "Sequence" else None
+        require(isinstance(steps, list) and len(steps) == 2 and all(isinstance(step, dict) for step in steps)
                 and steps[0].get("type") == "Split" and steps[0].get("pattern") == {"Regex": SPLIT_PATTERN}
                 and steps[0].get("behavior") == "Isolated" and not steps[0].get("invert")
                 and steps[1].get("type") == "ByteLevel" and steps[1].get("use_regex") is False
                 and not steps[1].get("add_prefix_space"),
                 "its pre_tokenizer is not albor's split pattern + ByteLevel")
-        added = {t.get("content"): t.get("id") for t in data.get("added_tokens") or [] if isinstance(t, dict)}
-        require(added == SPECIAL_TOKENS, f"added_tokens are {added}, expected {SPECIAL_TOKENS}")
+        added_tokens = data.get("added_tokens") or []
+        require(isinstance(added_tokens, list), "added_tokens is not a list")
+        added = {t.get("content"): t.get("id") for t in added_tokens if isinstance(t, dict)}
+        require(added == SPECIAL_TOKENS and all(type(i) is int for i in added.values()),
+                f"added_tokens are {added}, expected {SPECIAL_TOKENS}"[:200])
 
         vocab, merge_list = model.get("vocab"), model.get("merges")
         require(isinstance(vocab, dict) and isinstance(merge_list, list), "model has no vocab/merges")
+        require(all(type(i) is int for i in vocab.values()), "vocab ids must be ints")
         byte_char = bytes_to_unicode()
         for b in range(256):
             require(vocab.get(byte_char[b]) == b, f"byte 0x{b:02x} is not token {b}")
@@ -459,6 +495,11 @@ def bytes_to_unicode():
 
 def command_train(args):
     from train import stdlib_texts  # the training data's reader: the standard library's .py files
+    out = Path(args.out)
+    if out.is_dir():   # checked before the training, not after it
+        raise ValueError(f"--out {out} is a folder; give a file name, e.g. {out / 'tokenizer.json'}")
+    if not out.absolute().parent.is_dir():
+        raise ValueError(f"--out {out}: the folder {out.absolute().parent} does not exist")
     texts = list(stdlib_texts(args.lines))
     megabytes = sum(len(text.encode("utf-8")) for text in texts) / 1e6
     print(f"corpus: {sum(len(text.splitlines()) for text in texts)} lines of the stdlib "
@@ -466,7 +507,10 @@ def command_train(args):
     start = time.perf_counter()
     tok = Tokenizer.train(texts, args.vocab_size, min_frequency=args.min_frequency, progress=True)
     seconds = time.perf_counter() - start
-    tok.save(args.out)
+    try:
+        tok.save(out)
+    except OSError as err:
+        raise ValueError(f"--out {out}: cannot write it ({err.strerror or err})") from None
     print(f"trained {tok.vocab_size} tokens in {seconds:.1f} s -> {args.out}", file=sys.stderr)
 
 

@@ -25,9 +25,13 @@ What a run does, in the order of the sections below:
    the step's non-pad tokens, so the step's loss is the mean over all of them),
    clips the global norm and takes an AdamW step (albor.py's math). On a CPU each
    micro-batch's rows are shared out over one worker thread per core (cpu.py, with
-   single-threaded BLAS: set below, before NumPy loads). On a GPU, --dtype
-   tf32/bf16/fp16 runs the matmuls in that precision (gpu.py; fp16 with dynamic
-   loss scaling: a step whose gradients overflow is skipped).
+   single-threaded BLAS: set below, before NumPy loads). --dtype tf32/bf16/fp16
+   runs the matmuls in mixed precision (gpu.py; fp16 with dynamic loss scaling: a
+   step whose gradients overflow is skipped; emulated on a CPU). Under MPI
+   (`mpiexec -n N python train.py ...`, distributed.py) the rows of every
+   micro-batch are shared out over the N ranks too and their gradients summed
+   by an all-reduce: the same steps on the same rows, N processes doing them;
+   rank 0 alone writes the run folder and prints.
 5. The run: setup (model, data, optimizer), with --minutes the schedule fitted to the time
    budget, the loop (a step, a line in metrics.jsonl, a validation every --eval-every steps, a
    checkpoint every --save-every steps), and the finish: validation loss (also in bits per
@@ -38,13 +42,21 @@ What a run does, in the order of the sections below:
 The run folder (--out, default checkpoints/<config>):
     model.safetensors, config.json, tokenizer.json   a Hugging Face LlamaForCausalLM folder
     optimizer.safetensors, trainer_state.json        what --resume needs
+    final_model.json                                 losses, parse rate, samples, timing and provenance
+    README.md                                        the model card (model_card.py), from final_model.json
     metrics.jsonl                                    one JSON line per optimizer step (and the
                                                      validations: val_loss, val_bpb)
-    final_model.json                                 losses, parse rate, samples, timing and provenance
     loss.png                                         training and validation loss over the steps
+A save commits all of the checkpoint's files (all but metrics.jsonl and loss.png) as one unit, the
+previous checkpoint whole until then (checkpoint.py). A run locks its folder, and a new run refuses
+a folder that holds another run's checkpoint unless --overwrite.
 
-Ctrl-C stops after the current step and saves a checkpoint that --resume
-continues exactly (same final weights, byte for byte, as a run never stopped).
+Ctrl-C, SIGTERM or SIGHUP stops after the current step and saves a checkpoint that --resume
+continues exactly (same final weights, byte for byte, as a run never stopped). At the end the
+checkpoint is committed before the evaluation, so a stop there loses no training either. A
+second signal quits at once (once a save in progress is committed); a kill loses only the steps
+since the last save (--save-every). Under MPI a stop signal on any rank stops every rank after
+the same step.
 """
 import argparse
 import collections
@@ -54,11 +66,13 @@ import io
 import json
 import math
 import os
+import shlex
 import signal
 import sys
 import sysconfig
 import threading
 import time
+import warnings
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -70,14 +84,14 @@ from tqdm import tqdm  # noqa: E402
 import albor  # noqa: E402
 import checkpoint  # noqa: E402
 import cpu  # noqa: E402
+import distributed  # noqa: E402
 import gpu  # noqa: E402
+import model_card  # noqa: E402
 import sample  # noqa: E402
 from tokenizer import EOT_ID, PAD_ID, Tokenizer  # noqa: E402
 
 TOKENIZER_LINES = 100_000     # a tokenizer trained here sees the corpus's first 100K lines
 TOKENIZER_MIN_FREQUENCY = 1   # merge down to pairs seen once: fills all 32,768 ids from those lines
-PREFIX_CHARS_PER_TOKEN = 32   # a row needs only a document's first tokens: encode a prefix this
-                              # many characters per token long (cut at a line end), not the whole file
 TRAINER_STATE = "trainer_state.json"
 FINAL_MODEL = "final_model.json"
 METRICS = "metrics.jsonl"
@@ -97,6 +111,7 @@ DEFAULTS = {   # the model card's run
     "min_lr": None, "warmup": None, "beta1": 0.9, "beta2": 0.95, "eps": 1e-8, "weight_decay": 0.1,
     "grad_clip": 1.0, "seed": 0, "out": None, "resume": None, "init": None, "tokenizer": None,
     "save_every": 0, "eval_every": 0, "eval_samples": 8, "eval_only": False, "dtype": "fp32",
+    "overwrite": False,
 }
 # A preset brings the model's shape (albor.PRESETS) and may bring training settings too: these
 # replace DEFAULTS for --config NAME, and a flag given on the command line replaces them in turn.
@@ -106,14 +121,17 @@ PRESET_SETTINGS = {
     "workshop": {"data_mode": "packed", "rows": None, "val_rows": 20, "seq_len": 256, "batch_size": 4,
                  "grad_accum": 1, "lr": 2e-3, "eval_every": 250, "eval_samples": 32},
 }
+DATA_MODES = ("rows", "packed")
 # With --resume these define the rows a step reads; changing them would not continue the run.
 DATA_SETTINGS = ("data", "data_mode", "rows", "val_rows", "seq_len", "seed")
+# What one command asks for, never taken over from the run it resumes.
+THIS_COMMAND_ONLY = ("resume", "init", "out", "tokenizer", "eval_only", "overwrite")
+PATH_SETTINGS = ("data", "out", "resume", "init", "tokenizer")
 
 
 def count_or_all(text):
     """--rows's type: a positive count, or "all" (None)."""
     return None if text == "all" else int(text)
-
 
 FLAGS = [   # (flag, help, argparse options), in --help's order
     ("--config", f"model preset: {', '.join(albor.PRESETS)}; a preset may also bring training "
@@ -127,7 +145,7 @@ FLAGS = [   # (flag, help, argparse options), in --help's order
     ("--data-mode", "rows: one document a row, cut to --seq-len + 1 tokens and padded (the model "
                     "card's run: the model sees each file's beginning only); packed: the documents "
                     "joined into one token stream, each after <|endoftext|>, cut into windows of "
-                    "--seq-len tokens (every token is trained on)", dict(choices=("rows", "packed"))),
+                    "--seq-len tokens (every token is trained on)", dict(choices=DATA_MODES)),
     ("--rows", "training documents ('all': every one); in rows mode one row each; one pass over "
                "the rows (or windows) is the default run length", dict(type=count_or_all, metavar="N")),
     ("--val-rows", "documents held out for the validation loss (0: none); never trained on",
@@ -176,10 +194,24 @@ FLAGS = [   # (flag, help, argparse options), in --help's order
     ("--eval-only", "evaluate the --resume checkpoint instead of training: validation loss, "
                     "perplexity and parse rate, printed and written to its final_model.json",
      dict(action="store_true")),
-    ("--dtype", "precision of the matmuls, GPU only: fp32, tf32, bf16 or fp16 (fp16 with dynamic "
-                "loss scaling); weights, optimizer state and all other layers stay float32",
+    ("--dtype", "precision of the linear layers' matmuls (mixed precision): fp32; tf32 (operands "
+                "rounded to 10 mantissa bits by cuBLAS); bf16 or fp16 (half copies of the weight "
+                "matrices made once a step, activations and gradients rounded to half as they "
+                "enter a matmul; fp16 with dynamic loss scaling that skips a step whose gradients "
+                "overflow). Sums and products are float32, and so is everything else: master "
+                "weights, optimizer state, norms, attention, softmax, cross-entropy. On a CPU "
+                "tf32/bf16/fp16 are emulated (the same rounding, slower than fp32: for testing)",
      dict(choices=gpu.MATMUL_DTYPES)),
+    ("--overwrite", "let a new run replace the checkpoint of another run in --out (without it, "
+                    "such a folder is refused; the old checkpoint stays until this run's first save)",
+     dict(action="store_true")),
 ]
+# The type of each setting's value (None is also allowed where the default or a preset's is None).
+SETTING_TYPES = {name.lstrip("-").replace("-", "_"): options.get("type", bool if "action" in options else str)
+                 for name, _, options in FLAGS}
+SETTING_TYPES["rows"] = int   # count_or_all's values: an int, or None for all
+NULLABLE = {name for name, value in DEFAULTS.items() if value is None} | {
+    name for settings in PRESET_SETTINGS.values() for name, value in settings.items() if value is None}
 
 
 def build_parser():
@@ -195,7 +227,9 @@ def build_parser():
                "  python train.py --config tiny --rows 200 --out runs/tiny\n"
                "  python train.py --resume checkpoints/albor-base-50m --max-steps 100\n"
                "  python train.py --eval-only --resume checkpoints/albor-base-50m\n"
-               "  python train.py --init checkpoints/albor-base-50m --data my_code/ --out runs/ft",
+               "  python train.py --init checkpoints/albor-base-50m --data my_code/ --out runs/ft\n"
+               "  mpiexec -n 2 python train.py --rows 500            the same run over 2 MPI ranks "
+               "(README: More than one process)",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     for name, help, options in FLAGS:
         parser.add_argument(name, help=help + defaults_shown(name.lstrip("-").replace("-", "_")), **options)
@@ -216,6 +250,36 @@ def parse_settings(argv):
     given = vars(parser.parse_args(argv))
     args = {**DEFAULTS, **PRESET_SETTINGS.get(given.get("config"), {}), **given}
     checks = [
+        (not args["eval_only"] or args["resume"], "--eval-only needs --resume DIR (the checkpoint to evaluate)"),
+        (args["config"] in albor.PRESETS, f"--config {args['config']!r} is not a preset; "
+                                          f"choose from {', '.join(albor.PRESETS)}"),
+        (not (args["resume"] and args["init"]), "--resume and --init exclude each other"),
+        (not {"minutes", "max_steps"} <= set(given), "--minutes and --max-steps exclude each other "
+                                                     "(--minutes sets max-steps to the steps that fit)"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            parser.error(message)
+    problem = settings_problem(args)
+    if problem:
+        parser.error(problem)
+    return args, set(given)
+
+
+def settings_problem(args):
+    """The first problem with the values of a settings dict (the flags given, or the settings a
+    trainer_state.json saved), as a message naming the flag; None if there is none."""
+    for name in ("lr", "min_lr", "beta1", "beta2", "eps", "weight_decay", "grad_clip", "minutes"):
+        if args[name] is not None and not math.isfinite(args[name]):
+            return f"--{name.replace('_', '-')} must be a finite number"
+    for name in PATH_SETTINGS:
+        if args[name] == "":
+            return f"--{name} is empty (leave it out for the default)"
+    for name, kind in SETTING_TYPES.items():
+        if kind is int and args[name] is not None and abs(args[name]) >= 2**63:
+            return f"--{name.replace('_', '-')} is out of range (a 64-bit int)"
+    checks = [
+        (args["data_mode"] in DATA_MODES, f"--data-mode must be one of {', '.join(DATA_MODES)}"),
         (args["rows"] is None or args["rows"] >= 1, "--rows must be at least 1 (or all)"),
         (args["val_rows"] >= 0, "--val-rows must be 0 or more"),
         (args["seq_len"] >= 1, "--seq-len must be at least 1"),
@@ -223,8 +287,6 @@ def parse_settings(argv):
         (args["grad_accum"] >= 1, "--grad-accum must be at least 1"),
         (args["max_steps"] is None or args["max_steps"] >= 1, "--max-steps must be at least 1"),
         (args["minutes"] is None or args["minutes"] > 0, "--minutes must be positive"),
-        (not {"minutes", "max_steps"} <= set(given), "--minutes and --max-steps exclude each other "
-                                                     "(--minutes sets max-steps to the steps that fit)"),
         (args["lr"] > 0, "--lr must be positive"),
         (args["min_lr"] is None or 0 <= args["min_lr"] <= args["lr"], "--min-lr must lie in [0, --lr]"),
         (args["warmup"] is None or args["warmup"] >= 0, "--warmup must be 0 or more"),
@@ -233,33 +295,51 @@ def parse_settings(argv):
         (args["eps"] > 0, "--eps must be positive"),
         (args["weight_decay"] >= 0, "--weight-decay must be 0 or more"),
         (args["grad_clip"] >= 0, "--grad-clip must be 0 or more"),
+        (args["seed"] >= 0, "--seed must be 0 or more"),
         (args["save_every"] >= 0, "--save-every must be 0 or more"),
         (args["eval_every"] >= 0, "--eval-every must be 0 or more"),
         (args["eval_samples"] >= 0, "--eval-samples must be 0 or more"),
-        (not args["eval_only"] or args["resume"], "--eval-only needs --resume DIR (the checkpoint to evaluate)"),
-        (args["config"] in albor.PRESETS, f"--config {args['config']!r} is not a preset; "
-                                          f"choose from {', '.join(albor.PRESETS)}"),
-        (not (args["resume"] and args["init"]), "--resume and --init exclude each other"),
-        (args["dtype"] == "fp32" or albor.BACKEND == "cupy",
-         f"--dtype {args['dtype']} needs a GPU (albor runs on {albor.BACKEND}, which computes in fp32 only)"),
+        (args["dtype"] in gpu.MATMUL_DTYPES, f"--dtype must be one of {', '.join(gpu.MATMUL_DTYPES)}"),
     ]
-    for ok, message in checks:
+    return next((message for ok, message in checks if not ok), None)
+
+
+def is_number(value, kind=float):
+    """Whether value is a JSON number of this kind (an int also counts as a float; a bool never)."""
+    return isinstance(value, int if kind is int else (int, float)) and not isinstance(value, bool)
+
+
+def read_trainer_state(folder):
+    """folder's trainer_state.json, checked: {"step": int >= 0, "args": the run's settings, each
+    of its flag's type, "loss_curve": [numbers], "timing": {name: number}, "provenance": {...},
+    "loss_scaler": null or {"scale": number, ...}}. A RunError names the file and the field."""
+    path = os.path.join(folder, TRAINER_STATE)
+    state = checkpoint.read_json(path, "the saved run's state")
+
+    def require(ok, what):
         if not ok:
-            parser.error(message)
-    for name in ("lr", "min_lr", "beta1", "beta2", "eps", "weight_decay", "grad_clip", "minutes"):
-        if args[name] is not None and not math.isfinite(args[name]):
-            parser.error(f"--{name.replace('_', '-')} must be a finite number")
-    return args, set(given)
+            raise RunError(f"{path}: {what}")
 
-
-def read_json(path, what):
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except FileNotFoundError:
-        raise RunError(f"{path}: file not found ({what})") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise RunError(f"{path}: cannot read {what}: {e}") from None
+    require(isinstance(state, dict), f"expected a JSON object, got {type(state).__name__}")
+    step = state.get("step")
+    require(is_number(step, int) and step >= 0, f"step must be an int >= 0, got {step!r}"[:200])
+    require(isinstance(state.get("args"), dict), "args must be an object of the run's settings")
+    for name, value in state["args"].items():
+        kind = SETTING_TYPES.get(name)
+        ok = kind is None or (value is None and name in NULLABLE) or (
+            is_number(value, kind) if kind in (int, float) else isinstance(value, kind))
+        require(ok, f"args.{name} must be {'an int' if kind is int else f'a {kind.__name__}'}, "
+                    f"got {value!r}"[:200])
+    curve, timing = state.get("loss_curve", []), state.get("timing", {})
+    require(isinstance(curve, list) and all(map(is_number, curve)), "loss_curve must be a list of numbers")
+    require(isinstance(timing, dict) and all(v is None or is_number(v) for v in timing.values()),
+            "timing must map names to numbers")
+    require(isinstance(state.get("provenance", {}), dict), "provenance must be an object")
+    scaler = state.get("loss_scaler")
+    require(scaler is None or (isinstance(scaler, dict) and is_number(scaler.get("scale")) and
+                               all(is_number(scaler.get(key), int) for key in ("good_steps", "skipped"))),
+            "loss_scaler must be null or an object of scale, good_steps and skipped")
+    return state
 
 
 def merge_resumed_settings(args, given):
@@ -268,11 +348,9 @@ def merge_resumed_settings(args, given):
     Flags that decide which rows a step reads (DATA_SETTINGS) cannot change: that
     would not be the same run any more (start a new one from the weights with --init).
     """
-    state = read_json(os.path.join(args["resume"], TRAINER_STATE), "the saved run's state")
-    saved = state.get("args")
-    if not isinstance(saved, dict) or "step" not in state:
-        raise RunError(f"{os.path.join(args['resume'], TRAINER_STATE)}: not a trainer state (no args/step)")
-    merged = {**DEFAULTS, **saved}
+    state = read_trainer_state(args["resume"])
+    saved = state["args"]
+    merged = {**DEFAULTS, **{name: value for name, value in saved.items() if name in DEFAULTS}}
     for name in DATA_SETTINGS:
         if name in given and args[name] != merged[name]:
             raise RunError(f"--{name.replace('_', '-')} {args[name]} differs from the resumed run's "
@@ -284,12 +362,15 @@ def merge_resumed_settings(args, given):
         merged["minutes"] = None
     for name in given:
         if name not in DATA_SETTINGS and merged.get(name) != args[name]:
-            if name not in ("resume", "out", "config", "tokenizer", "eval_only") and name in saved:
+            if name not in THIS_COMMAND_ONLY + ("config",) and name in saved:
                 print(f"note: --{name.replace('_', '-')} {args[name]} (the saved run had {saved[name]})")
             merged[name] = args[name]
-    merged["resume"] = args["resume"]
-    merged["init"] = None
+    for name in THIS_COMMAND_ONLY:   # e.g. the saved run's --tokenizer file may have moved since: the
+        merged[name] = args[name]    # checkpoint's own tokenizer.json is used unless one is given now
     merged["out"] = args["out"] if "out" in given else args["resume"]
+    problem = settings_problem(merged)
+    if problem:
+        raise RunError(f"{os.path.join(args['resume'], TRAINER_STATE)}: the saved settings: {problem}")
     return merged, state
 
 
@@ -347,23 +428,16 @@ class Corpus:
         self.description = str(path)
         if path.is_dir():
             self.items = sorted(p for p in path.rglob("*") if p.is_file())
+        elif not path.exists():
+            raise RunError(f"--data {data}: no such file or folder")
         elif path.suffix == ".jsonl":
-            self.items = []
-            for line in self._read_text(path).splitlines():
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                    self.items.append(record["text"] if isinstance(record["text"], str) else None)
-                except (json.JSONDecodeError, KeyError, TypeError):
-                    self.items.append(None)
+            lines = self._read_text(path).splitlines()
+            self.items = [self._jsonl_text(line) for line in lines if line.strip()]
         elif path.suffix == ".txt":
             text = self._read_text(path)
             self.items = [block for block in text.replace("\r\n", "\n").split("\n\n") if block.strip()]
-        elif path.exists():
-            raise RunError(f"--data {data}: expected a folder, a .txt or a .jsonl file")
         else:
-            raise RunError(f"--data {data}: no such file or folder")
+            raise RunError(f"--data {data}: expected a folder, a .txt or a .jsonl file")
 
     @staticmethod
     def _read_text(path):
@@ -371,6 +445,17 @@ class Corpus:
             return path.read_bytes().decode("utf-8")
         except (OSError, UnicodeDecodeError) as e:
             raise RunError(f"--data {path}: cannot read it as UTF-8 text ({type(e).__name__})") from None
+
+    @staticmethod
+    def _jsonl_text(line):
+        """The "text" of a .jsonl line, or None if it has none that is Unicode text: JSON can
+        spell a lone surrogate ("\\ud800"), which no UTF-8 text holds."""
+        try:
+            text = json.loads(line)["text"]
+            text.encode("utf-8")
+            return text
+        except (ValueError, KeyError, TypeError, AttributeError, RecursionError):  # ValueError: also
+            return None                                    # not JSON, and UnicodeEncodeError
 
     def read(self, index):
         """Document `index` as a str, or None if it cannot be used (counted in self.skipped)."""
@@ -432,19 +517,11 @@ def encode_row(tok, text, seq_len):
     """A document as one row of seq_len + 1 ids: its first tokens, <|endoftext|>, then padding.
 
     Example (seq_len 7, "x = 1\\n" as 4 tokens a b c d): [a, b, c, d, EOT, PAD, PAD, PAD].
-    Only the first seq_len + 1 tokens are kept, so only a prefix of a long document
-    is encoded (cut at a line end far beyond them: encoding splits text into pieces
-    that are encoded independently, so the kept tokens are the same).
+    Only the first seq_len + 1 tokens are kept, so only as much of a document as they need is
+    encoded (Tokenizer.encode's max_tokens): a row of a 50 MB file reads its first kilobytes.
     """
     n = seq_len + 1
-    prefix = text
-    if len(text) > PREFIX_CHARS_PER_TOKEN * n:
-        line_end = text.rfind("\n", 0, PREFIX_CHARS_PER_TOKEN * n)
-        prefix = text[:line_end + 1] if line_end > 0 else text[:PREFIX_CHARS_PER_TOKEN * n]
-    ids = tok.encode(prefix)
-    if len(ids) < n and len(prefix) < len(text):
-        ids = tok.encode(text)                     # the prefix was not enough: the whole document
-    ids = (ids + [EOT_ID])[:n]
+    ids = (tok.encode(text, max_tokens=n) + [EOT_ID])[:n]
     return ids + [PAD_ID] * (n - len(ids))
 
 
@@ -553,12 +630,14 @@ def sha256_hex(data):
 
 
 def get_tokenizer(args, config, corpus, source_folder):
-    """(Tokenizer, its tokenizer.json bytes, where it came from).
+    """(Tokenizer, its tokenizer.json bytes, where it came from, what it was trained on (None
+    when that is not known here)).
 
     --tokenizer FILE; else the checkpoint folder's (--resume/--init); else the one
     trained on this corpus's first TOKENIZER_LINES lines with vocab_size tokens,
     cached in <out>/../tokenizers/ under a name derived from that text and size.
     """
+    trained_on = None
     if args["tokenizer"]:
         path = Path(args["tokenizer"])
         origin = str(path)
@@ -569,6 +648,9 @@ def get_tokenizer(args, config, corpus, source_folder):
         texts = corpus.first_lines(TOKENIZER_LINES)
         if not texts:
             raise RunError(f"no usable text in {corpus.description} to train a tokenizer on")
+        lines = sum(text.count("\n") for text in texts)
+        trained_on = (f"the first {lines:,} lines of {corpus.description}, "
+                      f"min frequency {TOKENIZER_MIN_FREQUENCY}")
         key = hashlib.sha256(f"vocab_size={config.vocab_size}\nmin_frequency={TOKENIZER_MIN_FREQUENCY}\n".encode())
         for text in texts:
             key.update(text.encode("utf-8"))
@@ -578,22 +660,37 @@ def get_tokenizer(args, config, corpus, source_folder):
             origin = f"{path} (cached)"
         else:
             started = time.perf_counter()
-            lines = sum(text.count("\n") for text in texts)
             print(f"training a {config.vocab_size:,}-token tokenizer on the first {lines:,} lines of "
                   f"{corpus.description} ...")
             tok = Tokenizer.train(texts, config.vocab_size, min_frequency=TOKENIZER_MIN_FREQUENCY, progress=True)
             path.parent.mkdir(parents=True, exist_ok=True)
             checkpoint.atomic_write_bytes(path, tokenizer_bytes(tok))
             origin = f"{path} (trained in {time.perf_counter() - started:.1f} s)"
-    try:
-        data = path.read_bytes()
-    except OSError as e:
-        raise RunError(f"{path}: cannot read the tokenizer ({e.strerror})") from None
+    data = read_bytes(path, "the tokenizer")
     try:
         tok = Tokenizer.load(path, max_vocab_size=config.vocab_size)
     except ValueError as e:
         raise RunError(str(e).splitlines()[0]) from None
-    return tok, data, origin
+    if source_folder and not args["tokenizer"]:
+        trained_on = recorded_training(source_folder, sha256_hex(data))
+    return tok, data, origin, trained_on
+
+
+def recorded_training(folder, tokenizer_sha256):
+    """What the final_model.json in folder says its tokenizer (of this SHA-256) was trained on,
+    or None where it does not say."""
+    try:
+        saved = json.loads(Path(folder, FINAL_MODEL).read_text(encoding="utf-8")).get("tokenizer") or {}
+    except (OSError, ValueError, AttributeError):
+        return None
+    return saved.get("trained_on") if saved.get("sha256") == tokenizer_sha256 else None
+
+
+def read_bytes(path, what):
+    try:
+        return Path(path).read_bytes()
+    except OSError as e:
+        raise RunError(f"{path}: cannot read {what} ({e.strerror or e})") from None
 
 
 def tokenizer_bytes(tok):
@@ -609,58 +706,79 @@ class Diverged(Exception):
 
 
 def train_step(params, config, optimizer, inputs, targets, lr, grad_clip, step, timing, scaler=None,
-               workers=None):
-    """One optimizer step on the micro-batches inputs[m], targets[m] (each (B, T)).
+               workers=None, group=distributed.SINGLE):
+    """One optimizer step on the micro-batches inputs[m], targets[m] (each (B, T), NumPy).
 
-    Returns (loss, pre-clip gradient norm, number of non-pad targets, whether the optimizer
-    stepped). The loss is the mean over the non-pad targets of all micro-batches together: a
-    micro-batch's mean loss counts with weight n_valid[m] / n_valid_step, and backward's
+    Returns (loss, (gradient norm before clipping, after it), number of non-pad targets, whether
+    the optimizer stepped). The loss is the mean over the non-pad targets of all micro-batches
+    together: a micro-batch's mean loss counts with weight n_valid[m] / n_valid_step, and backward's
     loss_scale gives its gradient the same weight, added into one gradient dict (so 4
     micro-batches of 4 rows = one batch of 16 rows). workers (a cpu.DataParallel; default one
-    thread) share each micro-batch's rows out, their gradients summed before clipping.
-    With --dtype fp16 the scaler's scale multiplies that loss_scale too (see apply_update).
-    Phase times go into timing; they come from gpu.PhaseClock (CUDA events on the GPU: no
-    waiting between phases; the step waits for the GPU once, at its end).
+    thread) share each micro-batch's rows out, their gradients summed before clipping. With MPI
+    (group: distributed.py) every rank gets the whole step and its workers take the rank's share
+    of the rows; the ranks' loss sums and gradients are added up, so every rank clips the same
+    gradients and takes the same step.
+    With --dtype bf16/fp16 the weights' half copies are made once, before the micro-batches
+    (gpu.half_weights); with fp16 the scaler's scale multiplies the loss_scale too (see
+    apply_update).
+    On a GPU the step waits for the device once, in apply_update: the targets are counted on
+    the host, and the micro-batches' loss sums and the gradient norm stay on the device until
+    then. Phase times go into timing, from gpu.PhaseClock (CUDA events on the GPU: no waiting
+    between phases; the optimizer's is added at the next step, after its wait).
     """
     workers = workers or cpu.DataParallel(1)
-    n_valid = [int((t != albor.IGNORE_INDEX).sum()) for t in targets]
+    n_valid = [int((t != albor.IGNORE_INDEX).sum()) for t in targets]  # on the host
     n_valid_step = sum(n_valid)
     loss_scale = scaler.scale if scaler else 1.0
     worker_seconds = dict(workers.seconds)
-    clock = gpu.PhaseClock()
+    clock = workers.clock
     clock.start()
-    loss_sum = 0.0
-    for m in range(len(inputs)):
-        idx, tgt = albor.xp.asarray(inputs[m]), albor.xp.asarray(targets[m])
-        weight = loss_scale * n_valid[m] / n_valid_step  # this micro-batch's share of the step
-        loss = workers.forward_backward(params, config, idx, tgt, loss_scale=weight)
-        if not math.isfinite(loss):
-            workers.gradients()  # drop the step's partial gradients
-            raise Diverged(f"the loss is {loss} at step {step} (micro-batch {m + 1} of {len(inputs)})")
-        loss_sum += loss * n_valid[m]
-    grads = workers.gradients()
+    loss_sums = []   # per micro-batch: the loss summed over its counted targets (this process's rows)
+    with gpu.half_weights(params):
+        for m in range(len(inputs)):
+            weight = loss_scale * n_valid[m] / n_valid_step  # this micro-batch's share of the step
+            loss_sums.append(workers.forward_backward(params, config, inputs[m], targets[m],
+                                                      loss_scale=weight))
+    grads = group.sum_gradients(workers.gradients(), params)   # every rank's gradients, added up
     clock.mark("model_seconds")
-    grad_norm, stepped = apply_update(optimizer, params, grads, lr, grad_clip, scaler, step)
+    norms, stepped, loss_sums = apply_update(optimizer, params, grads, lr, grad_clip, scaler, step,
+                                             loss_sums, group)
     clock.mark("optimizer_seconds")
-    phases = clock.collect()
+    phases = clock.collect(wait=False)
     # forward and backward ran interleaved in the workers: split as their own clocks did
-    model = phases.pop("model_seconds")
+    model = phases.pop("model_seconds", 0.0)
     forward = workers.seconds["forward"] - worker_seconds["forward"]
     backward = workers.seconds["backward"] - worker_seconds["backward"]
-    phases["forward_seconds"] = model * forward / (forward + backward)
-    phases["backward_seconds"] = model * backward / (forward + backward)
+    forward_share = forward / (forward + backward) if forward + backward else 0.5
+    phases["forward_seconds"] = model * forward_share
+    phases["backward_seconds"] = model * (1.0 - forward_share)
     for phase, seconds in phases.items():
         timing[phase] += seconds
-    return loss_sum / n_valid_step, grad_norm, n_valid_step, stepped
+    return sum(loss_sums) / n_valid_step, norms, n_valid_step, stepped
 
 
-def apply_update(optimizer, params, grads, lr, grad_clip, scaler, step):
-    """Clip the gradients' global norm and take the optimizer step; returns (the norm before
-    clipping, whether the optimizer stepped). With an fp16 loss scaler (gpu.LossScaler) the
-    gradients are unscaled first, and a step whose gradients overflowed is skipped."""
+def apply_update(optimizer, params, grads, lr, grad_clip, scaler, step, losses=(),
+                 group=distributed.SINGLE):
+    """Clip the gradients' global norm and take the optimizer step; returns ((the norm before
+    clipping, the norm after it), whether the optimizer stepped, the losses as Python floats).
+    The norm after clipping is measured, not assumed: the model card checks it against the clip
+    value (FALSIFY-ALBOR-002).
+
+    losses: the step's micro-batch losses or loss sums (on a GPU, device scalars). They come to
+    the host together with the norms, in ONE copy: the step's one wait for the GPU; with MPI
+    they are then summed over the ranks (group). A non-finite loss stops the run (Diverged)
+    before anything is updated (and drops the step's gradients). With an fp16 loss scaler
+    (gpu.LossScaler) the gradients are unscaled first, and a step whose gradients overflowed is
+    skipped; without one, a non-finite norm stops the run."""
     if scaler:
         scaler.unscale(grads)
-    grad_norm = albor.clip_grad_norm(grads, grad_clip)
+    norm = albor.clip_grad_norm(grads, grad_clip)  # clipped on the device: nothing waits yet
+    clipped_norm = albor.global_norm(grads)
+    *losses, grad_norm, clipped_norm = gpu.fetch(*losses, norm, clipped_norm)
+    losses = group.sum_floats(losses)   # every rank's rows
+    for m, loss in enumerate(losses):
+        if not math.isfinite(loss):
+            raise Diverged(f"the loss is {loss} at step {step} (micro-batch {m + 1} of {len(losses)})")
     stepped = True
     if scaler:
         try:
@@ -671,24 +789,25 @@ def apply_update(optimizer, params, grads, lr, grad_clip, scaler, step):
         raise Diverged(f"the gradient norm is {grad_norm} at step {step}")
     if stepped:
         optimizer.step(params, grads, lr)
-    return grad_norm, stepped
+    return (grad_norm, clipped_norm), stepped, losses
 
 
 def evaluate(params, config, inputs, targets, batch_size, workers=None):
-    """Mean loss over all non-pad target tokens of (inputs, targets), or None for no rows.
-    Each batch's rows are shared out over `workers` (a cpu.DataParallel; by default one
-    per core when BLAS is single-threaded, see cpu.cpu_workers)."""
+    """Mean loss over all non-pad target tokens of (inputs, targets) (NumPy arrays), or None for
+    no rows. Each batch's rows are shared out over `workers` (a cpu.DataParallel; by default one
+    per core when BLAS is single-threaded, see cpu.cpu_workers). On a GPU the batches' losses
+    add up on the device and one wait at the end fetches the sum."""
     workers = workers or cpu.DataParallel(cpu.cpu_workers())
     total, count = 0.0, 0
-    for start in range(0, len(inputs), batch_size):
-        idx = albor.xp.asarray(inputs[start:start + batch_size])
-        tgt = albor.xp.asarray(targets[start:start + batch_size])
-        n_valid = int((targets[start:start + batch_size] != albor.IGNORE_INDEX).sum())
-        if n_valid == 0:
-            continue
-        total += workers.loss(params, config, idx, tgt) * n_valid
-        count += n_valid
-    return total / count if count else None
+    with gpu.half_weights(params):
+        for start in range(0, len(inputs), batch_size):
+            idx, tgt = inputs[start:start + batch_size], targets[start:start + batch_size]
+            n_valid = int((tgt != albor.IGNORE_INDEX).sum())
+            if n_valid == 0:
+                continue
+            total += workers.loss_sum(params, config, idx, tgt)
+            count += n_valid
+    return gpu.fetch(total)[0] / count if count else None
 
 
 def perplexity(loss):
@@ -709,8 +828,9 @@ def parse_eval(params, config, tok, val_texts, args):
     documents' first lines that ast.parse accepts with at least 3 lines of code, up to 128 new
     tokens each (fewer if the context is short), seeded with --seed."""
     max_new_tokens = min(128, config.max_position_embeddings // 2)
-    return sample.parse_rate(params, config, tok, sample.eval_prompts(val_texts), args["eval_samples"],
-                             max_new_tokens=max_new_tokens, seed=args["seed"])
+    with gpu.half_weights(params):   # --dtype bf16/fp16: the weights' half copies, made once
+        return sample.parse_rate(params, config, tok, sample.eval_prompts(val_texts), args["eval_samples"],
+                                 max_new_tokens=max_new_tokens, seed=args["seed"])
 
 
 # -----------------------------------------------------------------------------
@@ -720,27 +840,65 @@ def parse_eval(params, config, tok, val_texts, args):
 #   args, config, config_name, out, state (the resumed run's trainer_state, or None),
 #   corpus, tok, tok_data, tok_origin, val_texts, train_inputs/targets, val_inputs/targets,
 #   val_bytes, max_steps, warmup, min_lr, steps_per_pass, tokens_per_step, provenance,
-#   params, optimizer, scaler, workers, start_step, loss_curve, timing, last_saved,
-#   deadline (--minutes), last_validation.
+#   params, optimizer, scaler, workers, start_step, loss_curve, timing, resumed_here (--out is the
+#   --resume folder), last_saved (the step of this run's checkpoint in --out), stop (a StopRequest),
+#   deadline and out_of_time (--minutes), last_validation.
 
 
-def setup(args, given):
-    """Everything the loop needs, from the settings: model shape, data, tokenizer, weights."""
-    run = SimpleNamespace(args=args, state=None, deadline=None, last_validation=None)
+def setup(args, given, held, group=distributed.SINGLE):
+    """Everything the loop needs, from the settings: the run folder, model shape, data, tokenizer,
+    weights. held (a contextlib.ExitStack) keeps the folders' locks until the run ends. group: the
+    processes training together (distributed.py; one process by default); with MPI, rank 0 alone
+    locks and claims the folders."""
+    run = SimpleNamespace(args=args, state=None, last_saved=None, group=group, deadline=None,
+                          out_of_time=False, last_validation=None)
     source_folder = args["resume"] or args["init"]
     if args["resume"]:
+        if not os.path.isdir(args["resume"]):
+            raise RunError(f"--resume {args['resume']}: no such folder")
+        if group.is_root:   # locked: no other run saves into it meanwhile; a save a kill cut short
+            held.enter_context(checkpoint.lock(args["resume"]))   # is finished first
         run.args, run.state = merge_resumed_settings(args, given)
+    if run.args["batch_size"] < group.size:
+        raise RunError(f"--batch-size {run.args['batch_size']} is smaller than the {group.size} ranks: each "
+                       "rank takes a share of every micro-batch's rows (raise --batch-size; lower "
+                       "--grad-accum to keep the rows per step)")
     run.config, run.config_name = model_config(run.args, given, source_folder)
     run.args["config"] = run.config_name
     if run.args["out"] is None:
         run.args["out"] = os.path.join("checkpoints", run.config_name)
     run.out = run.args["out"]
+    claim_folder(run, held)
     if run.args["seq_len"] > run.config.max_position_embeddings:
         raise RunError(f"--seq-len {run.args['seq_len']} exceeds the model's max_position_embeddings "
                        f"{run.config.max_position_embeddings}")
     load_data(run, source_folder)
     load_weights(run)
+    run.resumes, run.reproduce = resume_history(run)
     return run
+
+
+def claim_folder(run, held):
+    """Make the run folder (--out) this run's: create it, lock it until the run ends (a second
+    run on it stops with an error), and refuse it if it holds another run's checkpoint, unless
+    --overwrite. Nothing in it is changed here. With MPI, rank 0 alone does this."""
+    out, resume = run.out, run.args["resume"]
+    if not run.group.is_root:   # (rank 0 has claimed it already: it sets up first)
+        run.resumed_here = bool(resume) and os.path.isdir(out) and os.path.samefile(out, resume)
+        return
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise RunError(f"--out {out} is a file, not a folder")
+    try:
+        os.makedirs(out, exist_ok=True)
+    except OSError as e:
+        raise RunError(f"--out {out}: cannot create the folder ({e.strerror or e})") from None
+    run.resumed_here = bool(resume) and os.path.samefile(out, resume)
+    if run.resumed_here:
+        return   # locked already
+    held.enter_context(checkpoint.lock(out))
+    if checkpoint.holds_checkpoint(out) and not run.args["overwrite"]:
+        raise RunError(f"{out} holds the checkpoint of another run: continue it with --resume {out}, "
+                       "choose another --out, or pass --overwrite to replace it")
 
 
 def model_config(args, given, source_folder):
@@ -759,9 +917,10 @@ def load_data(run, source_folder):
     """The tokenizer, the validation and training rows, the schedule and their provenance."""
     args, config = run.args, run.config
     run.corpus = Corpus(args["data"])
-    run.tok, run.tok_data, run.tok_origin = get_tokenizer(args, config, run.corpus, source_folder)
+    run.tok, run.tok_data, run.tok_origin, run.tok_trained_on = get_tokenizer(args, config, run.corpus,
+                                                                             source_folder)
     if args["resume"] and args["tokenizer"]:
-        saved_tok = (Path(args["resume"]) / TOKENIZER_FILE).read_bytes()
+        saved_tok = read_bytes(Path(args["resume"]) / TOKENIZER_FILE, "the resumed run's tokenizer")
         if sha256_hex(saved_tok) != sha256_hex(run.tok_data):
             raise RunError(f"--tokenizer {args['tokenizer']} is not the tokenizer of the resumed run "
                            f"({os.path.join(args['resume'], TOKENIZER_FILE)})")
@@ -815,7 +974,7 @@ def load_weights(run):
         run.optimizer.beta1, run.optimizer.beta2 = args["beta1"], args["beta2"]
         run.optimizer.eps, run.optimizer.weight_decay = args["eps"], args["weight_decay"]
         run.loss_curve = list(state.get("loss_curve", []))[:run.start_step]
-        run.timing = dict(state.get("timing", {}))
+        run.timing = {key: value for key, value in state.get("timing", {}).items() if value is not None}
     else:
         if args["init"]:
             _, run.params, _ = checkpoint.load_checkpoint(args["init"])
@@ -823,16 +982,38 @@ def load_weights(run):
             run.params = albor.init_params(run.config, seed=args["seed"])
         run.optimizer = cpu.FastAdamW(run.params, betas=(args["beta1"], args["beta2"]), eps=args["eps"],
                                       weight_decay=args["weight_decay"])
-    gpu.configure(matmul_dtype=args["dtype"])   # fp32 unless --dtype (GPU only)
+    run.last_saved = run.start_step if run.resumed_here else None   # the checkpoint in --out
+    gpu.configure(matmul_dtype=args["dtype"])   # fp32 unless --dtype (emulated on a CPU)
     run.scaler = gpu.LossScaler() if args["dtype"] == "fp16" else None
     if run.scaler and state and state.get("loss_scaler"):
         run.scaler.load_state(state["loss_scaler"])
-    run.workers = cpu.DataParallel(cpu.cpu_workers())
+    run.workers = cpu.DataParallel(run.group.threads(cpu.cpu_workers()), run.group.rank, run.group.size)
+
+
+def check_ranks_agree(run):
+    """With MPI: every rank must have read the same rows and tokenizer and hold the same weights
+    (the same files, and the same Python for the standard library, on every machine)."""
+    if run.group.size == 1:
+        return
+    mine = {name: run.provenance[name] for name in ("train_rows_sha256", "val_rows_sha256", "tokenizer_sha256",
+                                                    "config_sha256")}
+    mine.update(weights_sha256=distributed.digest(run.params[name] for name in sorted(run.params)),
+                step=str(run.start_step))
+    difference = run.group.first_difference(mine)
+    if difference:
+        raise RunError(f"{difference}: every rank must read the same data, tokenizer and checkpoint "
+                       "(the same files, and the same Python, on every machine)")
 
 
 def print_setup(run):
     args, workers = run.args, run.workers
     on = f"{albor.BACKEND}, {workers.workers} worker threads" if workers.workers > 1 else albor.BACKEND
+    if run.group.size > 1:
+        on = (f"{albor.BACKEND}, {run.group.size} MPI ranks of {workers.workers} worker "
+              f"thread{'s' if workers.workers > 1 else ''} each")
+    if args["dtype"] != "fp32":
+        emulated = " (emulated: slower than fp32)" if albor.BACKEND == "numpy" else ""
+        on += f", {args['dtype']} matmuls{emulated}"
     print(f"albor {run.config_name}: {albor.param_count(run.config):,} parameters on {on}; "
           f"data: {run.corpus.description}")
     print(f"tokenizer: {run.tok_origin}, {run.tok.vocab_size:,} tokens")
@@ -862,31 +1043,94 @@ def print_schedule(run):
 
 
 def start_metrics_log(run):
-    """metrics.jsonl in the run folder: the resumed run's lines up to its step, then ours."""
-    os.makedirs(run.out, exist_ok=True)
-    old_lines = []
-    resumed = os.path.join(run.args["resume"] or "", METRICS)
-    if run.args["resume"] and os.path.exists(resumed):
-        with open(resumed, encoding="utf-8") as f:
-            for line in f:
-                try:
-                    if json.loads(line)["step"] <= run.start_step:
-                        old_lines.append(line if line.endswith("\n") else line + "\n")
-                except (json.JSONDecodeError, KeyError, TypeError):
-                    pass   # a line cut by a crash
-    checkpoint.atomic_write_bytes(os.path.join(run.out, METRICS), "".join(old_lines).encode("utf-8"))
-    same_folder = run.args["resume"] and os.path.abspath(run.out) == os.path.abspath(run.args["resume"])
-    run.last_saved = run.start_step if same_folder else None
+    """metrics.jsonl in the run folder: the resumed run's lines up to its step, then ours
+    (rank 0 writes it)."""
+    if not run.group.is_root:
+        return
+    old_lines = read_metrics(run.args["resume"], run.start_step) if run.args["resume"] else []
+    path = os.path.join(run.out, METRICS)
+    if os.path.isdir(path):
+        raise RunError(f"{path}: a folder is in the place of the metrics file")
+    try:
+        checkpoint.atomic_write_bytes(path, "".join(old_lines).encode("utf-8"))
+    except OSError as e:
+        raise RunError(f"{path}: cannot write it ({e.strerror or e})") from None
 
 
-def save(run, step, val_loss=None, finished=False, parse=None):
-    """Write the checkpoint (atomically) for the state after `step` optimizer steps."""
+def read_metrics(folder, up_to_step):
+    """The lines of folder's metrics.jsonl (if it has one) for steps up to up_to_step, checked:
+    each a JSON object with an int "step". A last line without its newline (a kill cut it) is
+    dropped."""
+    path = os.path.join(folder, METRICS)
+    if not os.path.exists(path):
+        return []
+    try:
+        lines = read_bytes(path, "the metrics").decode("utf-8").splitlines(keepends=True)
+    except UnicodeDecodeError as e:
+        raise RunError(f"{path}: not UTF-8 text (byte {e.start})") from None
+    if lines and not lines[-1].endswith("\n"):
+        lines.pop()
+    kept = []
+    for number, line in enumerate(lines, 1):
+        try:
+            record = json.loads(line)
+        except (ValueError, RecursionError):
+            record = None
+        if not (isinstance(record, dict) and is_number(record.get("step"), int)):
+            raise RunError(f"{path}: line {number} is not a JSON object with an int \"step\"")
+        if record["step"] <= up_to_step:
+            kept.append(line)
+    return kept
+
+
+def save(run, step, finished=False):
+    """Commit the checkpoint of the state after `step` optimizer steps: all its files as one unit
+    (checkpoint.commit_files). A stop signal meanwhile waits until it is committed. Rank 0 saves;
+    the other ranks (which hold the same state) only note that it is there."""
+    if not run.group.is_root:
+        run.last_saved = step
+        return
     save_start = time.perf_counter()
-    curve, timing = run.loss_curve, run.timing
-    trainer_state = {"step": step, "args": run.args, "loss_curve": curve, "timing": timing,
-                     "provenance": run.provenance,
+    trainer_state = {"step": step, "args": run.args, "loss_curve": run.loss_curve, "timing": run.timing,
+                     "provenance": run.provenance, "resumes": run.resumes, "reproduce": run.reproduce,
                      "loss_scaler": run.scaler.state() if run.scaler else None}
-    final_model = {
+    extra = {TOKENIZER_FILE: run.tok_data,
+             TRAINER_STATE: (json.dumps(trainer_state, indent=1) + "\n").encode(),
+             **summary_files(run, step, finished)}
+    with run.stop.saving():
+        try:
+            checkpoint.save_checkpoint(run.out, run.config, run.params, run.optimizer, step=step,
+                                       extra_files=extra)
+        except checkpoint.CheckpointError as e:   # e.g. the disk is full
+            raise RunError(f"{e}; {kept(run)}") from None
+        run.last_saved = step
+    run.timing["save_seconds"] = run.timing.get("save_seconds", 0.0) + time.perf_counter() - save_start
+
+
+def summary_files(run, step, finished, val_loss=None, parse=None):
+    """The files that sum the run up ({name: bytes}): final_model.json and the model card made
+    from it, README.md. Each save writes them with the checkpoint; the end of the run commits
+    them again with the evaluation's results."""
+    final_model = run_summary(run, step, run.out, finished, val_loss, parse)
+    stopped = None if finished else run.stop.requested   # the stop signal's name, if one came
+    final_model["status"] = {"state": "finished" if finished else "stopped" if stopped else "in progress",
+                             "step": step, "max_steps": run.max_steps,
+                             "reason": StopRequest.REASONS.get(stopped, stopped) if stopped else None}
+    run.last_final_model = final_model
+    return card_files(final_model, run.config)
+
+
+def card_files(final_model, config):
+    """{final_model.json: its bytes, README.md: the model card rendered from it}."""
+    return {FINAL_MODEL: (json.dumps(final_model, indent=1) + "\n").encode(),
+            model_card.CARD_FILE: model_card.render(final_model, config).encode("utf-8")}
+
+
+def run_summary(run, step, folder, finished, val_loss=None, parse=None):
+    """final_model.json (without its "status"): the figures of the run after `step` steps, whose
+    checkpoint lies in `folder`: losses, evaluation, timing, provenance, and the card's facts."""
+    curve = run.loss_curve
+    return {
         "config": run.config_name, "finished": finished, "steps": step, "max_steps": run.max_steps,
         "warmup": run.warmup, "lr": run.args["lr"], "min_lr": run.min_lr,
         "final_loss": curve[-1] if curve else None, "best_loss": min(curve) if curve else None,
@@ -895,51 +1139,182 @@ def save(run, step, val_loss=None, finished=False, parse=None):
         "val_bpb": val_bits_per_byte(run, val_loss),
         "parse_rate": parse["parse_rate"] if parse else None, "parse_eval": parse,
         "loss_curve": curve, "tokens": step * run.tokens_per_step,
-        "timing": timing, "provenance": run.provenance, "args": run.args,
+        "timing": run.timing, "provenance": run.provenance, "args": run.args,
+        **card_facts(run, step, folder),
     }
-    extra = {TOKENIZER_FILE: run.tok_data,
-             TRAINER_STATE: (json.dumps(trainer_state, indent=1) + "\n").encode(),
-             FINAL_MODEL: (json.dumps(final_model, indent=1) + "\n").encode()}
-    checkpoint.save_checkpoint(run.out, run.config, run.params, run.optimizer, step=step,
-                               extra_files=extra)
-    run.last_saved = step
-    timing["save_seconds"] = timing.get("save_seconds", 0.0) + time.perf_counter() - save_start
+
+
+def card_facts(run, step, folder):
+    """What the model card reports beyond the losses, measured: the parameters counted in the
+    weights, the weights' SHA-256 (as saved in `folder` at this step), the tokens counted in the
+    rows and in folder's metrics log, the machine, and the FALSIFY verdicts (model_card.py)."""
+    records = [json.loads(line) for line in read_metrics(folder, step)]
+    records = [record for record in records if "loss" in record]   # the steps (not step 0's validation)
+    sha256, size = checkpoint.safetensors_digest(run.params, checkpoint.model_metadata(step))
+    return {
+        "parameters": sum(int(p.size) for p in run.params.values()),
+        "model_file": {"folder": folder, "name": checkpoint.CHECKPOINT_MODEL, "sha256": sha256, "bytes": size},
+        "tokens_seen": sum(record.get("valid_tokens", 0) for record in records),
+        "data": data_facts(run),
+        "tokenizer": {"vocab_size": run.tok.vocab_size, "merges": len(run.tok.merges),
+                      "source": run.tok_origin, "trained_on": run.tok_trained_on,
+                      "sha256": run.provenance["tokenizer_sha256"]},
+        "device": model_card.machine(run.workers.workers), "precision": run.args["dtype"],
+        "software": model_card.software(), "resumes": run.resumes, "reproduce": run.reproduce,
+        "falsify": model_card.falsify(run.loss_curve[:step], records, run.args["grad_clip"], sha256,
+                                      run.reproduce),
+    }
+
+
+def data_facts(run):
+    """The data's name (for the card's metadata), its tokens counted in the rows, and how many
+    training rows are cut (no <|endoftext|> in them: the document goes on past the row)."""
+    stdlib = run.args["data"] is None
+    name = f"python-{sys.version.split()[0]}-stdlib" if stdlib else Path(run.args["data"]).stem
+    full_rows = np.concatenate([run.train_inputs, run.train_targets[:, -1:]], axis=1) == EOT_ID
+    return {"name": name, "tags": ["code", "python"] if stdlib else [],
+            "license": "The Python standard library is distributed under the PSF License Agreement." if stdlib
+            else None,
+            "train_tokens": int((run.train_targets != albor.IGNORE_INDEX).sum()),
+            "val_tokens": int((run.val_targets != albor.IGNORE_INDEX).sum()),
+            "cut_train_rows": int((~full_rows.any(axis=1)).sum())}
+
+
+# The flags a command that trains these weights again must repeat: all but where the run is
+# written, how it is evaluated, and --resume (its settings are the run's own).
+NOT_REPEATED = ("out", "resume", "save_every", "eval_samples", "eval_only", "overwrite")
+
+
+def reproduce_command(args):
+    """The `python train.py ...` command line that trains this run's weights from scratch: the
+    model and the rows, and every other setting that differs from DEFAULTS (with --init, the
+    model's shape comes from there). Example: the defaults with --lr 0.001 ->
+    "python train.py --config albor-base-50m --rows 500 --lr 0.001"."""
+    flags = []
+    for name, default in DEFAULTS.items():
+        if name in NOT_REPEATED or (name == "config" and args["init"]):
+            continue
+        if (args[name] != default or name in ("config", "rows")) and args[name] is not None:
+            flags.append(f"--{name.replace('_', '-')} {shlex.quote(str(args[name]))}")
+    return " ".join(["python train.py"] + flags)
+
+
+def resume_history(run):
+    """(resumes, command): the run's resumes (the saved run's, plus this one with the settings
+    it changed, {name: [saved, now]}) and the one command that reproduces the run's weights
+    (None once a resume changed a setting that the weights depend on)."""
+    state, args = run.state or {}, run.args
+    if not args["resume"]:
+        return [], reproduce_command(args)
+    saved = {**DEFAULTS, **state["args"]}
+    resumes, command = list(state.get("resumes", [])), state.get("reproduce", reproduce_command(saved))
+    if not args["eval_only"]:
+        changed = {name: [saved[name], args[name]] for name in DEFAULTS
+                   if name not in NOT_REPEATED + ("init", "tokenizer") and saved[name] != args[name]}
+        resumes.append({"step": run.start_step, "from": args["resume"], "changed": changed})
+        command = None if changed else command
+    return resumes, command
+
+
+def kept(run, what="checkpoint"):
+    """What is on disk after a stop or an error, as the end of a message."""
+    if run is None or run.last_saved is None:
+        return "no checkpoint of this run was saved"
+    return f"the last {what} (step {run.last_saved}) is in {run.out}"
 
 
 class StopRequest:
-    """Ctrl-C: the first one lets the current step finish, then the run saves a
-    resumable checkpoint and exits; a second one quits at once (the last saved
-    checkpoint stays as it was: saves are atomic)."""
+    """What a stop signal does: Ctrl-C (SIGINT), SIGTERM (kill, timeout, docker stop, a SLURM
+    preemption) and SIGHUP (the terminal closed) all ask the run to stop, the same way.
+
+    While training (at_once False) the first signal lets the current step finish; the run then
+    commits a checkpoint that --resume continues exactly, and exits. Before training (nothing to
+    save yet) and during the end-of-run evaluation (its checkpoint is committed already) a signal
+    stops at once: KeyboardInterrupt. A second signal quits at once too, except during a save:
+    that is finished first (seconds), so the newest checkpoint written is the one kept.
+    A signal that was ignored when the run started (nohup ignores SIGHUP) stays ignored.
+    """
+    SIGNALS = ("SIGINT", "SIGTERM", "SIGHUP")
+    REASONS = {"SIGINT": "Ctrl-C (SIGINT)", "SIGTERM": "SIGTERM (a kill, timeout, docker stop or a preemption)",
+               "SIGHUP": "SIGHUP (the terminal closed)"}   # the model card's words for them
 
     def __init__(self):
-        self.requested = False
+        self.requested = None       # the first signal's name
+        self.at_once = True
+        self.in_save = False
+        self.quit_after_save = False
+        self.previous = {}
 
     def __call__(self, signum, frame):
-        if self.requested:
+        name = signal.Signals(signum).name
+        if name == "SIGHUP":
+            self.silence_lost_terminal()
+        if self.requested is None and not self.at_once:
+            self.requested = name
+            self.say(f"{name}: stopping after this step and saving a checkpoint (again: quit at once)")
+            return
+        self.requested = self.requested or name
+        if self.in_save:
+            self.quit_after_save = True
+            self.say(f"{name}: quitting once the checkpoint being saved is committed")
+            return
+        raise KeyboardInterrupt
+
+    @contextlib.contextmanager
+    def saving(self):
+        """A save runs in this block: a stop signal waits until it has ended."""
+        self.in_save = True
+        try:
+            yield
+        finally:
+            self.in_save = False
+        if self.quit_after_save:
             raise KeyboardInterrupt
-        self.requested = True
-        tqdm.write("Ctrl-C: stopping after this step and saving a checkpoint "
-                   "(press Ctrl-C again to quit without saving)")
+
+    def __enter__(self):
+        """Install the handler (in the main thread only: Python runs handlers there)."""
+        if threading.current_thread() is threading.main_thread():
+            self.terminals = [fd for fd in (1, 2) if os.isatty(fd)]
+            for name in self.SIGNALS:
+                signum = getattr(signal, name, None)   # Windows has no SIGHUP
+                if signum is not None and signal.getsignal(signum) is not signal.SIG_IGN:
+                    self.previous[signum] = signal.signal(signum, self)
+        return self
+
+    def __exit__(self, *exc):
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
+
+    def silence_lost_terminal(self):
+        """After a hang-up the terminal is gone and writing to it fails: send what was going
+        there to /dev/null instead (a terminal that is still there stays)."""
+        for fd in getattr(self, "terminals", []):
+            if not os.isatty(fd):
+                devnull = os.open(os.devnull, os.O_WRONLY)
+                os.dup2(devnull, fd)
+                os.close(devnull)
+
+    @staticmethod
+    def say(message):
+        with contextlib.suppress(OSError):
+            tqdm.write(message)
 
 
 def train_loop(run):
-    """Steps from run.start_step until max_steps, a Ctrl-C or the --minutes deadline; a validation
-    every --eval-every steps; returns (last step, stopped by Ctrl-C)."""
+    """Steps from run.start_step until max_steps, a stop signal or the --minutes deadline; a
+    validation every --eval-every steps; returns the last step."""
     for key in ("train_seconds", "forward_seconds", "backward_seconds", "optimizer_seconds",
                 "attention_seconds", "other_layers_seconds", "data_seconds", "eval_seconds"):
         run.timing.setdefault(key, 0.0)
     run.timing["data_seconds"] += run.data_seconds
-    stop = StopRequest()
-    in_main_thread = threading.current_thread() is threading.main_thread()
-    previous_handler = signal.signal(signal.SIGINT, stop) if in_main_thread else None
     # a layer clock on the CPU only: on a GPU it would have to wait for every layer
     layer_clock = cpu.LayerClock() if albor.BACKEND == "numpy" else None
-    step = run.start_step
+    step, stopping = run.start_step, False
     bar = tqdm(total=run.max_steps, initial=step, unit="step", dynamic_ncols=True)
+    metrics_path = os.path.join(run.out, METRICS) if run.group.is_root else os.devnull  # rank 0 writes
     try:
-        with layer_clock or contextlib.nullcontext(), \
-                open(os.path.join(run.out, METRICS), "a", encoding="utf-8") as metrics:
-            while step < run.max_steps and not stop.requested and not past_deadline(run, step):
+        with layer_clock or contextlib.nullcontext(), open(metrics_path, "a", encoding="utf-8") as metrics:
+            while step < run.max_steps and not stopping:
                 step += 1
                 record = one_step(run, step, layer_clock)
                 if run.args["eval_every"] and (step % run.args["eval_every"] == 0 or step == run.max_steps):
@@ -953,23 +1328,38 @@ def train_loop(run):
                                 tok_s=f"{run.tokens_per_step / record['seconds']:.0f}")
                 if run.args["save_every"] and step % run.args["save_every"] == 0 and step < run.max_steps:
                     save(run, step)
+                stopping = run.group.any(run.stop.requested)   # a stop signal on any rank stops them all
+                if run.deadline is not None and step < run.max_steps and run.group.any(past_deadline(run)):
+                    tqdm.write(f"note: the time budget of --minutes {run.args['minutes']:g} ran out after "
+                               f"step {step} of {run.max_steps} (the machine ran slower than timed); "
+                               "finishing there")
+                    run.out_of_time = True
+                    break
     except Diverged as e:
-        kept = (f"the last good checkpoint (step {run.last_saved}) stays in {run.out}"
-                if run.last_saved is not None else f"no checkpoint of this run was saved ({run.out} is left as it was)")
-        raise RunError(f"{e}; stopping: {kept}") from None
-    except KeyboardInterrupt:
-        kept = (f"the last checkpoint (step {run.last_saved}) stays in {run.out}"
-                if run.last_saved is not None else "nothing was saved")
-        raise SystemExit(f"train.py: interrupted; {kept}") from None
+        mark_diverged(run, str(e))
+        raise RunError(f"{e}; stopping: {kept(run, 'good checkpoint')}") from None
     finally:
         bar.close()
-        if in_main_thread:
-            signal.signal(signal.SIGINT, previous_handler)
-    return step, stop.requested and step < run.max_steps
+    if stopping and not run.stop.requested:
+        run.stop.requested = "a stop signal on another rank"
+    return step
+
+
+def mark_diverged(run, reason):
+    """After a non-finite loss or gradient: the card of the last checkpoint this process saved
+    says the run diverged, and why (the checkpoint itself stays as it was)."""
+    final_model = getattr(run, "last_final_model", None)
+    if final_model is None or run.last_saved is None:
+        return
+    final_model["status"] = dict(final_model["status"], state="diverged", reason=reason)
+    with run.stop.saving():
+        checkpoint.commit_files(run.out, card_files(final_model, run.config))
 
 
 def append_metrics(run, record):
-    """One line of metrics.jsonl."""
+    """One line of metrics.jsonl (rank 0 writes it)."""
+    if not run.group.is_root:
+        return
     with open(os.path.join(run.out, METRICS), "a", encoding="utf-8") as metrics:
         metrics.write(json.dumps(record) + "\n")
 
@@ -1025,6 +1415,7 @@ def fit_to_budget(run, wall_start):
     eval_seconds = run.last_validation[2] if args["eval_every"] else 0.0
     left = deadline - time.perf_counter()
     fitted = steps_that_fit(left, step_seconds, eval_seconds, args["eval_every"])
+    fitted = int(run.group.sum_floats([fitted])[0]) // run.group.size   # with MPI: every rank the same
     run.args["max_steps"] = run.start_step + fitted
     set_schedule(run, run.args["max_steps"])
     run.deadline = deadline
@@ -1042,14 +1433,9 @@ def steps_that_fit(seconds_left, step_seconds, eval_seconds, eval_every):
     return max(1, int((seconds_left - last_validation) / per_step))
 
 
-def past_deadline(run, step):
-    """Whether --minutes' deadline has passed (checked before each step after this session's first,
-    so a run always takes a step; a note when it cuts the run)."""
-    if run.deadline is None or step == run.start_step or time.perf_counter() < run.deadline:
-        return False
-    tqdm.write(f"note: the time budget of --minutes {run.args['minutes']:g} ran out after step {step} "
-               f"of {run.max_steps} (the machine ran slower than timed); finishing there")
-    return True
+def past_deadline(run):
+    """Whether --minutes' deadline has passed (checked after each step, so a run always takes one)."""
+    return run.deadline is not None and time.perf_counter() >= run.deadline
 
 
 def one_step(run, step, layer_clock):
@@ -1061,22 +1447,22 @@ def one_step(run, step, layer_clock):
     rows = np.stack([micro_batch_rows(step, m, args, len(run.train_inputs))
                      for m in range(args["grad_accum"])])      # (grad_accum, B)
     scale = run.scaler.scale if run.scaler else None
-    loss, grad_norm, n_valid, stepped = train_step(
+    loss, (grad_norm, clipped_norm), n_valid, stepped = train_step(
         run.params, run.config, run.optimizer, run.train_inputs[rows], run.train_targets[rows],
-        lr, args["grad_clip"], step, timing, run.scaler, run.workers)
+        lr, args["grad_clip"], step, timing, run.scaler, run.workers, run.group)
     if not stepped:
         tqdm.write(f"step {step}: a gradient overflowed in fp16 at loss scale {scale:g}; "
                    f"step skipped, loss scale now {run.scaler.scale:g}")
     seconds = time.perf_counter() - step_start
     timing["train_seconds"] += seconds
     if layer_clock:  # the layer clock adds up every worker thread's time: per thread, on average
-        threads = len(cpu.row_shards(args["batch_size"], run.workers.workers))
+        threads = len(run.workers.my_rows(args["batch_size"]))
         layers = layer_clock.take()
         attention = layers.pop("attention", 0.0)
         timing["attention_seconds"] += attention / threads
         timing["other_layers_seconds"] += sum(layers.values()) / threads
     run.loss_curve.append(loss)
-    record = {"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
+    record = {"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "grad_norm_clipped": clipped_norm,
               "tokens": run.tokens_per_step, "valid_tokens": n_valid, "seconds": seconds}
     if run.scaler:
         record.update(loss_scale=scale, skipped=not stepped)
@@ -1084,8 +1470,38 @@ def one_step(run, step, layer_clock):
 
 
 def finish(run, step, wall_start):
-    """After the last step: validation loss, parse rate and samples, the checkpoint, the loss plot,
-    the summary."""
+    """After the loop: the checkpoint first, so that nothing after it can lose the run; then,
+    unless a stop signal came, the validation loss, the parse rate and a few samples, committed
+    into final_model.json beside it, the loss plot and the summary."""
+    finished = step >= run.max_steps or run.out_of_time
+    if run.last_saved != step:
+        save(run, step, finished=finished)
+    if run.stop.requested:
+        then = (f"Evaluate it with: python train.py --eval-only --resume {run.out}" if finished
+                else f"Continue with: python train.py --resume {run.out}")
+        print(f"stopped at step {step} of {run.max_steps} ({run.stop.requested}); the checkpoint of "
+              f"step {step} is saved in {run.out}, the loss plot in {plot_losses(run.out)}. {then}")
+        return
+    run.stop.at_once = True   # the checkpoint is committed: a stop signal ends the evaluation at once
+    try:
+        val, parse = end_of_run_evaluation(run, step, wall_start)
+    except KeyboardInterrupt:
+        print(f"evaluation stopped ({run.stop.requested}); the checkpoint of step {step} is saved in "
+              f"{run.out}, without the validation loss and parse rate "
+              f"(python train.py --eval-only --resume {run.out} measures them)")
+        return
+    with run.stop.saving():
+        checkpoint.commit_files(run.out, summary_files(run, step, finished, val["val_loss"], parse))
+    plot = plot_losses(run.out, (step, val["val_loss"]))
+    print_samples(parse)
+    print_summary(run.config_name, step, run.tokens_per_step, run.loss_curve, val["val_loss"],
+                  len(run.val_inputs), run.timing, run.out, parse, val_bpb=val["val_bpb"])
+    print(f"loss plot: {plot}")
+
+
+def end_of_run_evaluation(run, step, wall_start):
+    """(validation {"val_loss", "val_bpb"}, parse rate) of the trained weights; the run's timing
+    completed. The loop's validation of this step is reused."""
     timing = run.timing
     if not (run.last_validation and run.last_validation[0] == step):   # the loop's last one is now
         validate(run, step)
@@ -1097,12 +1513,7 @@ def finish(run, step, wall_start):
     train_seconds = timing["train_seconds"]
     timing["tokens_per_second"] = step * run.tokens_per_step / train_seconds if train_seconds else None
     split_time(timing)
-    save(run, step, val_loss=val["val_loss"], finished=True, parse=parse)
-    plot = plot_losses(run.out, (step, val["val_loss"]))
-    print_samples(parse)
-    print_summary(run.config_name, step, run.tokens_per_step, run.loss_curve, val["val_loss"],
-                  len(run.val_inputs), timing, run.out, parse, val_bpb=val["val_bpb"])
-    print(f"loss plot: {plot}")
+    return val, parse
 
 
 SAMPLES_SHOWN = 3   # the end-of-run report prints this many of the parse rate's samples
@@ -1154,21 +1565,24 @@ def plot_losses(folder, final_validation=None):
 
 def evaluate_only(run):
     """--eval-only: validation loss, perplexity and parse rate of the --resume checkpoint, printed
-    and written into final_model.json (in --out, by default the checkpoint's folder)."""
+    and committed into final_model.json (in --out, by default the checkpoint's folder)."""
     args = run.args
     start = time.perf_counter()
+    source = os.path.join(args["resume"], FINAL_MODEL)
+    saved = checkpoint.read_json(source, "the run's summary") if os.path.exists(source) else {}
+    if not isinstance(saved, dict):
+        raise RunError(f"{source}: expected a JSON object, got {type(saved).__name__}")
     val_loss = evaluate(run.params, run.config, run.val_inputs, run.val_targets, args["batch_size"],
                         run.workers)
     parse = parse_eval(run.params, run.config, run.tok, run.val_texts, args)
-    source = os.path.join(args["resume"], FINAL_MODEL)
-    final_model = read_json(source, "the run's summary") if os.path.exists(source) else {}
-    final_model.update(val_loss=val_loss, val_perplexity=perplexity(val_loss),
-                       val_bpb=val_bits_per_byte(run, val_loss), parse_rate=parse["parse_rate"],
-                       parse_eval=parse)
-    os.makedirs(args["out"], exist_ok=True)
-    checkpoint.atomic_write_bytes(os.path.join(args["out"], FINAL_MODEL),
-                                  (json.dumps(final_model, indent=1) + "\n").encode())
-    print_losses(None, val_loss, len(run.val_inputs), val_bits_per_byte(run, val_loss))
+    final_model = {**saved, **run_summary(run, run.start_step, args["resume"], saved.get("finished") is True,
+                                          val_loss, parse)}
+    final_model["status"] = saved.get("status") if isinstance(saved.get("status"), dict) else {
+        "state": "finished" if final_model["finished"] else "in progress", "step": run.start_step,
+        "max_steps": run.max_steps, "reason": None}
+    with run.stop.saving():
+        checkpoint.commit_files(args["out"], card_files(final_model, run.config))
+    print_losses(None, val_loss, len(run.val_inputs), final_model["val_bpb"])
     print_samples(parse)
     print(sample.describe_parse_rate(parse))
     print(f"evaluated in {time.perf_counter() - start:.1f} s; written to {os.path.join(args['out'], FINAL_MODEL)}")
@@ -1207,47 +1621,62 @@ def print_summary(config_name, step, tokens_per_step, loss_curve, val_loss, val_
     if train:
         print(f"{config_name}: {step} steps, {tokens:,} tokens in {train:.1f} s of training: "
               f"{tokens / train:,.0f} tokens/s; wall time {timing['wall_seconds']:.1f} s")
-        if "matmul_seconds" in timing:
-            parts = [("matmuls", timing["matmul_seconds"]), ("attention", timing["attention_seconds"]),
-                     ("other layers", timing["other_layers_seconds"]), ("optimizer", timing["optimizer_seconds"])]
-        else:
-            parts = [("forward", timing["forward_seconds"]), ("backward", timing["backward_seconds"]),
-                     ("optimizer", timing["optimizer_seconds"])]
-        parts.append(("data/bookkeeping", train - sum(seconds for _, seconds in parts)))
-        print("time: " + ", ".join(f"{name} {seconds:.1f} s ({100 * seconds / train:.0f}%)" for name, seconds in parts))
+        print("time: " + ", ".join(f"{name} {seconds:.1f} s ({100 * seconds / train:.0f}%)"
+                                   for name, seconds in model_card.time_split(timing)))
     print(f"checkpoint: {out}")
 
 
 def main(argv=None):
     try:
-        return execute(argv)
-    except (RunError, checkpoint.CheckpointError) as e:
+        group = distributed.start()   # one process; or, under mpiexec, this rank's place among them
+    except distributed.LaunchError as e:
         raise SystemExit(f"train.py: error: {e}") from None
-    except KeyboardInterrupt:   # Ctrl-C before the training loop (which handles its own)
-        raise SystemExit("train.py: interrupted before training started; nothing was saved") from None
+    with warnings.catch_warnings(), group.stop_all_on_failure():   # MPI: an error on a rank ends all
+        # A diverging step overflows before its loss or gradient norm turns inf or NaN, which the
+        # run reports itself in one line (Diverged): NumPy's warnings would only come first.
+        warnings.filterwarnings("ignore", r"(overflow|invalid value|divide by zero) encountered",
+                                RuntimeWarning)
+        try:
+            return execute(argv, group)
+        except (RunError, checkpoint.CheckpointError) as e:
+            raise SystemExit(f"train.py: error: {e}") from None
 
 
-def execute(argv):
+def rank_zero_alone(run):
+    """With MPI, after the training loop the other ranks are done: rank 0 alone goes on (the
+    final save, the evaluation, the summary; --eval-only) with worker threads on all its cores.
+    Returns whether this process goes on."""
+    if run.group.is_root and run.group.size > 1:
+        run.workers = cpu.DataParallel(cpu.cpu_workers())
+    return run.group.is_root
+
+
+def execute(argv, group=distributed.SINGLE):
     """The whole run: settings, setup, the loop, and the finish (or a save when stopped)."""
     wall_start = time.perf_counter()
     args, given = parse_settings(argv)
     cpu.keep_freed_memory()  # the CPU step's temporaries are reused, not page-faulted in anew
-    run = setup(args, given)
-    print_setup(run)
-    if run.args["eval_only"]:
-        return evaluate_only(run)
-    start_metrics_log(run)
-    if run.args["eval_every"] and run.start_step == 0:
-        append_metrics(run, {"step": 0, **validate(run, 0)})   # where the validation curve starts
-    if fitting_to_budget(run):
-        fit_to_budget(run, wall_start)
-    step, stopped = train_loop(run)
-    if stopped:
-        save(run, step)
-        print(f"stopped at step {step} of {run.max_steps}; saved a checkpoint in {run.out}, the loss plot "
-              f"in {plot_losses(run.out)}. Continue with: python train.py --resume {run.out}")
-        return 0
-    finish(run, step, wall_start)
+    run = None
+    with contextlib.ExitStack() as held, StopRequest() as stop:   # held: the run folders' locks
+        try:
+            with group.root_first():   # with MPI, rank 0 first: it claims the folder, trains a tokenizer
+                run = setup(args, given, held, group)
+            check_ranks_agree(run)
+            run.stop = stop
+            print_setup(run)
+            if run.args["eval_only"]:
+                return evaluate_only(run) if rank_zero_alone(run) else 0
+            start_metrics_log(run)
+            if run.args["eval_every"] and run.start_step == 0:   # where the validation curve starts
+                append_metrics(run, {"step": 0, **validate(run, 0)})
+            if fitting_to_budget(run):
+                fit_to_budget(run, wall_start)
+            stop.at_once = False   # from here a stop signal lets the step finish, then saves
+            step = train_loop(run)
+            if rank_zero_alone(run):
+                finish(run, step, wall_start)
+        except KeyboardInterrupt:   # a stop signal before training, in the evaluation, or a second one
+            raise SystemExit(f"train.py: interrupted; {kept(run)}") from None
     return 0
 
 

@@ -105,6 +105,12 @@ print(f"      {name}: steps {final.get('steps')}, loss {final.get('final_loss')}
       f"{t.get('tokens_per_second') or 0:,.0f} tokens/s")
 print(f"      {name}: phases (s): {phases}")
 print(f"      {name}: model.safetensors sha256 {digest[:16]}")
+metrics = folder / "metrics.jsonl"
+scaled = [json.loads(line) for line in (metrics.read_text().splitlines() if metrics.exists() else [])
+          if '"loss_scale"' in line]
+if scaled:  # fp16: how the loss scaler went
+    print(f"      {name}: loss scale {scaled[0]['loss_scale']:g} -> {scaled[-1]['loss_scale']:g}, "
+          f"{sum(bool(r.get('skipped')) for r in scaled)} of {len(scaled)} steps skipped (overflow)")
 (logs / f"{name}.sha256").write_text(digest)
 for kept in ("final_model.json", "metrics.jsonl"):
     if (folder / kept).exists():

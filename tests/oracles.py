@@ -97,3 +97,15 @@ def nvcc():
     if found is None:
         missing("nvcc not found on the PATH or in /usr/local/cuda/bin: install the CUDA toolkit")
     return found
+
+
+def mpiexec():
+    """The path of an MPI launcher, with mpi4py importable (requirements-mpi.txt, which
+    requirements-dev.txt includes), or the caller is skipped: see missing()."""
+    __tracebackhide__ = True  # pytest reports the skip at the caller's line
+    oracle("mpi4py")
+    import distributed
+    found = distributed.find_mpiexec()
+    if found is None:
+        missing("no mpiexec beside this Python or on the PATH: pip install -r requirements-mpi.txt")
+    return found

@@ -169,3 +169,23 @@ def test_bench_tokenizer_beside_hugging_face(capsys):
     assert "MB/s warm" in out
     oracle("tokenizers")  # the comparison with Hugging Face's needs it: skipped here without it
     assert "albor vs tokenizers" in out
+
+
+def test_bench_ranks_times_train_py_over_mpi_ranks_and_one_process(capsys):
+    from tests.oracles import mpiexec
+    mpiexec()  # mpi4py and an mpiexec (requirements-mpi.txt): skipped without them
+    out = run_bench(["--ranks", "2", "--config", "tiny", "--train-steps", "2", "--batch-size", "2",
+                     "--seq-len", "16", "--grad-accum", "2"], capsys)
+    assert "2 steps of 2 x 2 x 16 tokens per run: one process and mpiexec -n 2, taking turns" in out
+    assert number_after("  one process ", out) > 0
+    assert "2 MPI ranks of 1 worker thread each" in out
+    assert number_after("mpiexec -n 2 / one process:", out) > 0
+    assert re.search(r"model.safetensors of the two: (byte-identical|different bytes)", out)
+    assert number_after("load average before:", out) >= 0 and number_after("load average after:", out) >= 0
+
+
+def test_bench_ranks_needs_two_or_more():
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--ranks", "1"])
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--ranks", "2", "--tokenizer"])

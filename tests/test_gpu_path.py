@@ -4,12 +4,16 @@ On the CPU the kernel dispatch runs end to end through the emulator: with
 `gpu.settings(kernels=gpu.Kernels(tests/kernel_emu.EmuModule, numpy))` (kernels.cu compiled for
 the CPU), every layer that has a kernel calls kernels.cu through the same launch code a GPU
 runs, with xp = NumPy. The `kernels_on` fixture sets that up (also on a GPU machine: it pins albor to
-NumPy for the test).
+NumPy for the test). Mixed precision (--dtype tf32/bf16/fp16) runs on the CPU as gpu.py's
+emulation: the same half operands and roundings, NumPy's float32 products. And
+tests/fake_device.py stands in for a GPU where a CPU can tell: it counts the host's waits for
+the device and refuses host arrays mixed with device arrays, as CuPy does.
 
 Tolerances: "close" means max |got - want| <= tol * max |want| per tensor. The kernel path
 and the reference path are both float32 but add in different orders; on the tiny model the
 measured differences are below 1e-6 of the largest gradient, checked at 1e-5.
 """
+import json
 import math
 import os
 import subprocess
@@ -19,8 +23,10 @@ import numpy as np
 import pytest
 
 import albor
+import cpu
 import gpu
 import train
+from tests.fake_device import DeviceArray, FakeDevice
 from tests.kernel_emu import KERNELS_CU, EmuModule, parse_kernels
 
 KERNEL_NAMES = set(parse_kernels(KERNELS_CU.read_text()))
@@ -45,11 +51,18 @@ def emulator():
     return EmuModule(KERNELS_CU)
 
 
+def on_backend(monkeypatch, xp, backend):
+    """albor and gpu.py on `xp` (NumPy, or the stand-in device's) for a while."""
+    for module in (albor, gpu):
+        monkeypatch.setattr(module, "xp", xp)
+        monkeypatch.setattr(module, "BACKEND", backend)
+    monkeypatch.setattr(gpu, "cublas_gemm", gpu.emulated_gemm)  # the GemmEx call's stand-in
+
+
 @pytest.fixture
 def numpy_backend(monkeypatch):
     """albor on NumPy for this test, whatever machine runs it."""
-    monkeypatch.setattr(albor, "xp", np)
-    monkeypatch.setattr(albor, "BACKEND", "numpy")
+    on_backend(monkeypatch, np, "numpy")
     with gpu.settings(kernels=None, matmul_dtype="fp32"):
         yield
 
@@ -242,14 +255,13 @@ def test_albor_kernels_switch(monkeypatch):
 
 
 # ============================================================================================
-# 2. Low-precision matmuls: what a CPU can check
+# 2. Mixed-precision matmuls: the cuBLAS call's arguments (section 6: the numbers, emulated)
 # ============================================================================================
 
-def test_dtype_other_than_fp32_needs_a_gpu(numpy_backend):
-    gpu.configure(matmul_dtype="fp32")
-    for name in ("tf32", "bf16", "fp16"):
-        with pytest.raises(ValueError, match=f"dtype {name} needs a GPU"):
-            gpu.configure(matmul_dtype=name)
+def test_every_dtype_is_accepted_and_nothing_else(numpy_backend):
+    for name in ("tf32", "bf16", "fp16", "fp32"):   # on a CPU: emulated
+        gpu.configure(matmul_dtype=name)
+        assert gpu.matmul_dtype() == name
     with pytest.raises(ValueError, match="one of fp32, tf32, bf16, fp16"):
         gpu.configure(matmul_dtype="fp8")
     assert gpu.matmul_dtype() == "fp32"
@@ -300,8 +312,24 @@ def test_gemm_plan_maps_row_major_onto_column_major_cublas(numpy_backend, a_layo
     np.testing.assert_allclose(got, a @ b, rtol=1e-12)
 
 
+def test_gemm_types_for_each_dtype(numpy_backend):
+    """The GemmEx data and compute types (cuBLAS's enums) for the operands a GPU hands cuBLAS at
+    each --dtype: half operands with float32 sums (CUBLAS_COMPUTE_32F = 68), bfloat16 as its
+    bits (CUDA_R_16BF = 14) and float16 (CUDA_R_16F = 2); float32 operands (CUDA_R_32F = 0)
+    with CUBLAS_COMPUTE_32F_FAST_TF32 (77) for tf32. Operands of two types are refused."""
+    x = np.ones((4, 8), np.float32)
+    w = np.ones((3, 8), np.float32)
+    on_gpu = {"bf16": gpu.bf16_bits, "fp16": lambda a: a.astype(np.float16), "tf32": lambda a: a}
+    for dtype, want_type, want_compute in [("bf16", 14, 68), ("fp16", 2, 68), ("tf32", 0, 77)]:
+        with gpu.settings(matmul_dtype=dtype):
+            a, b = on_gpu[dtype](x), on_gpu[dtype](w).T
+            assert gpu.gemm_types(a, b) == (want_type, want_compute), dtype
+    with pytest.raises(TypeError, match="one type"):
+        gpu.gemm_types(x, w.T.astype(np.float16))
+
+
 # ============================================================================================
-# 3. Dynamic loss scaling, with injected overflows
+# 3. Dynamic loss scaling, with injected overflows (section 4: real ones)
 # ============================================================================================
 
 def test_loss_scaler_halves_on_overflow_and_grows_after_clean_steps():
@@ -362,7 +390,7 @@ def test_an_overflowing_step_is_skipped_and_a_clean_one_is_the_fp32_step(numpy_b
 
     _, grads = loss_and_grads(params, config, idx, targets, loss_scale=scaler.scale)
     grads["model.layers.1.mlp.up_proj.weight"][3, 5] = bad
-    norm, stepped = train.apply_update(optimizer, params, grads, 1e-3, 1.0, scaler, 1)
+    (norm, _), stepped, _ = train.apply_update(optimizer, params, grads, 1e-3, 1.0, scaler, 1)
     assert not stepped and not math.isfinite(norm)
     assert scaler.scale == 2.0 ** 9 and scaler.skipped == 1 and optimizer.t == 0
     for name in params:
@@ -373,7 +401,7 @@ def test_an_overflowing_step_is_skipped_and_a_clean_one_is_the_fp32_step(numpy_b
     twin_optimizer = albor.AdamW(twin)
     for _ in range(2):
         _, grads = loss_and_grads(params, config, idx, targets, loss_scale=scaler.scale)
-        norm, stepped = train.apply_update(optimizer, params, grads, 1e-3, 1.0, scaler, 1)
+        (norm, _), stepped, _ = train.apply_update(optimizer, params, grads, 1e-3, 1.0, scaler, 1)
         _, plain = loss_and_grads(twin, config, idx, targets)
         plain_norm = albor.clip_grad_norm(plain, 1.0)
         twin_optimizer.step(twin, plain, lr=1e-3)
@@ -383,12 +411,20 @@ def test_an_overflowing_step_is_skipped_and_a_clean_one_is_the_fp32_step(numpy_b
     assert scaler.scale == 2.0 ** 10  # two clean steps in a row: grown back
 
 
-def test_train_py_dtype_needs_a_gpu(numpy_backend, capsys):
+def test_train_py_dtype_flag(numpy_backend, capsys):
+    """--dtype takes the four precisions (a CPU emulates the three low ones) and nothing else;
+    --help says what each does."""
+    for name in ("fp32", "tf32", "bf16", "fp16"):
+        args, _ = train.parse_settings(["--dtype", name])
+        assert args["dtype"] == name
+    assert train.DEFAULTS["dtype"] == "fp32"
     with pytest.raises(SystemExit):
-        train.parse_settings(["--dtype", "fp16"])
-    assert "--dtype fp16 needs a GPU" in capsys.readouterr().err
-    args, _ = train.parse_settings(["--dtype", "fp32"])
-    assert args["dtype"] == "fp32" and train.DEFAULTS["dtype"] == "fp32"
+        train.parse_settings(["--dtype", "fp8"])
+    assert "invalid choice: 'fp8'" in capsys.readouterr().err
+    help_text = " ".join(train.build_parser().format_help().split())
+    for words in ("half copies of the weight matrices made once a step", "dynamic loss scaling",
+                  "master weights, optimizer state", "On a CPU tf32/bf16/fp16 are emulated"):
+        assert words in help_text, words
 
 
 def test_train_step_with_the_loss_scaler(numpy_backend, monkeypatch):
@@ -423,7 +459,7 @@ def test_train_step_with_the_loss_scaler(numpy_backend, monkeypatch):
     monkeypatch.setattr(albor, "backward", overflowing_backward)
     scaler = gpu.LossScaler()
     before = {name: p.copy() for name, p in scaled_params.items()}
-    loss, norm, _, stepped = train.train_step(scaled_params, config, optimizer, inputs, targets,
+    loss, (norm, _), _, stepped = train.train_step(scaled_params, config, optimizer, inputs, targets,
                                               1e-3, 1.0, 2, timing, scaler)
     assert math.isfinite(loss) and not math.isfinite(norm) and stepped is False
     assert scaler.scale == 2.0 ** 15 and optimizer.t == 1
@@ -436,7 +472,292 @@ def test_train_step_with_the_loss_scaler(numpy_backend, monkeypatch):
 
 
 # ============================================================================================
-# 4. The step clock
+# 4. Mixed precision on the CPU: gpu.py's emulation of bf16 / fp16 / tf32
+# ============================================================================================
+
+def reference_rounding(x, dropped):
+    """float32 x rounded to 23 - dropped mantissa bits, the slow way: of the two neighbours
+    with zeros in the dropped bits, the nearer (measured in float64, exactly), and at a tie the
+    one whose last kept bit is 0; past the largest finite number, inf. As float64."""
+    out = []
+    for value in np.asarray(x, np.float32).reshape(-1):
+        if np.isnan(value):
+            out.append(np.nan)
+            continue
+        bits = int(value.view(np.uint32))
+        low = bits & ~((1 << dropped) - 1)           # toward zero
+        high = low + (1 << dropped)                  # away from zero
+        candidates = []
+        for b in (low, high):
+            exponent_all_ones = (b >> 23) & 0xFF == 0xFF
+            magnitude = 2.0 ** 128 if exponent_all_ones else float(np.uint32(b).view(np.float32))
+            candidates.append(-abs(magnitude) if value < 0 else abs(magnitude))
+        d_low, d_high = abs(float(value) - candidates[0]), abs(candidates[1] - float(value))
+        chosen = 0 if d_low < d_high or (d_low == d_high and (low >> dropped) & 1 == 0) else 1
+        result = candidates[chosen]
+        out.append(math.copysign(math.inf, result) if abs(result) >= 2.0 ** 128 else result)
+    return np.array(out).reshape(np.shape(x))
+
+
+def rounding_cases(dropped):
+    """float32 values that test a rounding: random ones of every size, exact ties with an even
+    and an odd last kept bit, neighbours of ties, the largest finite numbers, subnormals,
+    zeros, inf and NaN."""
+    rng = np.random.default_rng(dropped)
+    random = rng.standard_normal(2000) * 10.0 ** rng.integers(-40, 38, 2000)
+    tie = 1 << (dropped - 1)
+    base = rng.integers(0, 0x7F000000, 200, dtype=np.uint32) & np.uint32(~((1 << dropped) - 1) & 0xFFFFFFFF)
+    special_bits = np.concatenate([base + tie, base + tie + (1 << dropped), base + tie - 1, base + tie + 1,
+                                   np.array([0x7F7FFFFF, 0x7F7F8000, 0x7F7F7FFF, 1, 0x807FFFFF,
+                                             0x80000000, 0, 0x7F800000, 0xFF800000, 0x7FC00000,
+                                             0x7F800001, 0xFFFFFFFF], dtype=np.uint32)])
+    special = special_bits.astype(np.uint32).view(np.float32)
+    return np.concatenate([random.astype(np.float32), special, -special[:800]])
+
+
+def test_bf16_and_tf32_round_to_nearest_even(numpy_backend):
+    """gpu.bf16_bits and round_to_tf32 against the slow reference above, on every kind of
+    value; NaN stays NaN, past bfloat16's largest number is inf; bf16 is float32's upper half
+    (the bits a GPU hands cuBLAS as CUDA_R_16BF)."""
+    for dropped, rounded in [(16, lambda x: gpu.to_float32(gpu.bf16_bits(x))), (13, gpu.round_to_tf32)]:
+        x = rounding_cases(dropped)
+        got = rounded(x)
+        assert got.dtype == np.float32
+        want = reference_rounding(x, dropped)
+        assert np.array_equal(got.astype(np.float64), want, equal_nan=True), dropped
+        assert not (got.view(np.uint32)[~np.isnan(got)] & np.uint32((1 << dropped) - 1)).any()
+    assert gpu.bf16_bits(np.float32([3.4e38, -np.nan])).tolist()[0] == 0x7F80   # rounds to inf
+    assert np.isnan(gpu.to_float32(gpu.bf16_bits(np.float32([np.nan, -np.nan])))).all()
+    x = np.float32([1.0, -2.5, 3.4e38])
+    assert gpu.bf16_bits(x).tolist() == (x.view(np.uint32) >> 16).tolist()[:2] + [0x7F80]
+
+
+def test_fp16_rounding_is_numpys_float16(numpy_backend):
+    """gpu.round_to_fp16 (the CPU's float16, kept in float32) gives exactly NumPy's float16
+    cast on every kind of value (subnormals, ties, 65504, overflow to inf, NaN); and to_half on
+    a CPU is that, on a GPU a real float16 array (the stand-in GPU's step test shows the two
+    give the same bytes)."""
+    x = np.concatenate([rounding_cases(13), np.float32([65504, 65519.9, 65520, -7e4, 2.0**-24,
+                                                        2.0**-25, 3 * 2.0**-25, 2.0**-14 * (1 - 2**-12)])])
+    with np.errstate(over="ignore"):
+        want = x.astype(np.float16).astype(np.float32)
+    got = gpu.round_to_fp16(x)
+    assert got.dtype == np.float32
+    assert np.array_equal(got, want, equal_nan=True)
+    assert np.array_equal(np.signbit(got[~np.isnan(got)]), np.signbit(want[~np.isnan(want)]))
+    assert gpu.to_half(x, "fp16").tobytes() == got.tobytes()
+    assert gpu.to_half(x, "bf16").tobytes() == gpu.to_float32(gpu.bf16_bits(x)).tobytes()
+
+
+@pytest.mark.parametrize("dtype, bound", [("tf32", 4e-3), ("bf16", 3e-2), ("fp16", 4e-3)])
+def test_mixed_precision_products(numpy_backend, dtype, bound):
+    """albor.matmul at each --dtype, for the layouts the model uses (x @ w.T, dy @ w, dy.T @
+    x): float32 out; the product of the operands rounded to the format with float32 sums
+    (within 1e-5 of float64's product of the rounded operands); against the exact product, an
+    error of a few units of the format's rounding (2**-11 for tf32/fp16, 2**-8 for bf16) and
+    more than 10x fp32's: the rounding really happens."""
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((64, 96)).astype(np.float32)
+    w = rng.standard_normal((48, 96)).astype(np.float32)
+    dy = rng.standard_normal((64, 48)).astype(np.float32)
+    dropped = {"tf32": 13, "bf16": 16}.get(dtype)
+    rounded = ((lambda a: reference_rounding(a, dropped)) if dropped else
+               (lambda a: a.astype(np.float16).astype(np.float64)))
+    for a, b in [(x, w.T), (dy, w), (dy.T, x)]:
+        exact = a.astype(np.float64) @ b.astype(np.float64)
+        fp32_error = np.abs(a @ b - exact).max() / np.abs(exact).max()
+        with gpu.settings(matmul_dtype=dtype):
+            got = albor.matmul(a, b)
+        assert got.dtype == np.float32 and got.shape == exact.shape
+        close(got, rounded(a) @ rounded(b), 1e-5, f"{dtype}: the rounded operands' product")
+        error = np.abs(got - exact).max() / np.abs(exact).max()
+        assert 10 * fp32_error < error <= bound, (dtype, error, fp32_error)
+
+
+def test_fp16_products_overflow_to_inf_and_bf16_ones_do_not(numpy_backend):
+    a = np.full((2, 3), 7e4, np.float32)   # beyond float16's 65504
+    b = np.ones((3, 2), np.float32)
+    with gpu.settings(matmul_dtype="fp16"):
+        assert np.isinf(albor.matmul(a, b)).all()
+    with gpu.settings(matmul_dtype="bf16"):
+        assert np.isfinite(albor.matmul(a, b)).all()
+
+
+def tiny_step_batch(config, seed, micro_batches=2, B=2, T=24):
+    rng = np.random.default_rng(seed)
+    inputs = rng.integers(0, config.vocab_size, (micro_batches, B, T))
+    targets = rng.integers(0, config.vocab_size, (micro_batches, B, T))
+    targets[0, 0, T // 2:] = albor.IGNORE_INDEX
+    return inputs, targets
+
+
+def new_timing():
+    return {"forward_seconds": 0.0, "backward_seconds": 0.0, "optimizer_seconds": 0.0}
+
+
+def weight_conversions(params, config, optimizer, inputs, targets, step, monkeypatch):
+    """The weights gpu.to_half converts during one train_step, each as (name, its half copy)."""
+    converted = []
+    to_half = gpu.to_half
+
+    def recording(x, dtype):
+        half = to_half(x, dtype)
+        converted.extend((name, half) for name, w in params.items() if x is w)
+        return half
+    monkeypatch.setattr(gpu, "to_half", recording)
+    train.train_step(params, config, optimizer, inputs, targets, 1e-3, 1.0, step, new_timing())
+    monkeypatch.setattr(gpu, "to_half", to_half)
+    return converted
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+def test_half_weights_are_made_once_per_step_from_the_updated_weights(numpy_backend, monkeypatch,
+                                                                      dtype):
+    """In a step of 3 micro-batches each weight matrix is converted to half once (every product
+    reads that copy: else each of its products would convert it again), from the weights the
+    last update left, and nothing else in the step converts a weight; the copies are dropped
+    at the end of the micro-batches."""
+    config = albor.get_config("tiny")
+    params = albor.init_params(config, seed=30)
+    optimizer = albor.AdamW(params)
+    matrices = sorted(name for name, p in params.items() if p.ndim == 2)
+    inputs, targets = tiny_step_batch(config, seed=31, micro_batches=3)
+    with gpu.settings(matmul_dtype=dtype):
+        for step in (1, 2):
+            master = {name: p.copy() for name, p in params.items()}
+            converted = weight_conversions(params, config, optimizer, inputs, targets, step,
+                                           monkeypatch)
+            assert sorted(name for name, _ in converted) == matrices
+            for name, half in converted:
+                want = gpu.to_half(master[name], dtype)
+                assert gpu.to_numpy(half).tobytes() == gpu.to_numpy(want).tobytes(), name
+            assert gpu._half_copies == {}
+        assert optimizer.t == 2
+
+
+def loss_and_grads_at(dtype, params, config, idx, targets, loss_scale=1.0):
+    """Loss and gradients (unscaled) with --dtype `dtype`, the weights' half copies made."""
+    with gpu.settings(matmul_dtype=dtype), gpu.half_weights(params):
+        loss, grads = loss_and_grads(params, config, idx, targets, loss_scale=loss_scale)
+    return float(loss), {name: g / np.float32(loss_scale) for name, g in grads.items()}
+
+
+def gradient_error(grads, reference):
+    """The largest per-tensor error, relative to each tensor's largest reference gradient."""
+    return max(float(np.abs(grads[name] - g).max() / np.abs(g).max()) for name, g in reference.items())
+
+
+def test_fp16_and_bf16_forward_backward_are_close_to_fp32(numpy_backend):
+    """Loss and every gradient of the tiny model in mixed precision against fp32: fp16 (loss
+    scale 2**12) within 1e-3 of the loss and 2e-2 of each gradient tensor's largest entry; bf16
+    within 1e-2 and 1e-1, and visibly less exact than fp16 (7 mantissa bits to 10)."""
+    config = albor.get_config("tiny")
+    params = albor.init_params(config, seed=32)
+    idx, targets = batch(config, B=2, T=45, seed=33)
+    loss32, grads32 = loss_and_grads_at("fp32", params, config, idx, targets)
+    errors = {}
+    for dtype, loss_tol, grad_tol in [("fp16", 1e-3, 2e-2), ("bf16", 1e-2, 1e-1)]:
+        loss, grads = loss_and_grads_at(dtype, params, config, idx, targets, loss_scale=2.0**12)
+        errors[dtype] = (abs(loss - loss32) / loss32, gradient_error(grads, grads32))
+        assert errors[dtype][0] <= loss_tol and errors[dtype][1] <= grad_tol, (dtype, errors)
+        assert all(g.dtype == np.float32 for g in grads.values())
+    assert errors["bf16"][1] > 3 * errors["fp16"][1] > 0, errors
+
+
+def test_fp16_without_loss_scaling_loses_small_gradients(numpy_backend):
+    """Why fp16 scales the loss: the gradient of the logits is about 1 / (vocabulary x tokens)
+    (here 1e-6, with albor-base-50m's 32768 x 512 it is 6e-8, float16's smallest number); at
+    loss scale 1 such gradients round to float16's coarse subnormals as they enter the
+    products, and the weights' gradients come out several times less exact than at scale 2**12
+    (unscaled exactly afterwards)."""
+    config = albor.Config(vocab_size=4096, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                          num_key_value_heads=2, intermediate_size=160, max_position_embeddings=256)
+    params = albor.init_params(config, seed=34)
+    idx, targets = batch(config, B=4, T=64, seed=35)
+    _, grads32 = loss_and_grads_at("fp32", params, config, idx, targets)
+    unscaled = gradient_error(loss_and_grads_at("fp16", params, config, idx, targets)[1], grads32)
+    scaled = gradient_error(loss_and_grads_at("fp16", params, config, idx, targets, 2.0**12)[1], grads32)
+    assert unscaled > 4 * scaled, (unscaled, scaled)
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # the overflows
+def test_fp16_overflow_is_caught_the_step_skipped_and_the_scale_recovers(numpy_backend):
+    """train.py's fp16 steps from a loss scale far too large (2**40), nothing injected: the
+    gradients really overflow as they are rounded to float16 (the same scale in fp32 does not),
+    each such step is skipped (weights, m and v untouched) and the scale halves, until steps
+    go through; after growth_interval clean steps the scale doubles, and where that overflows
+    it halves again: it keeps near the largest scale float16 holds. The loss falls."""
+    config = albor.get_config("tiny")
+    inputs, targets = tiny_step_batch(config, seed=36)
+    params = albor.init_params(config, seed=37)
+    with gpu.settings(matmul_dtype="fp32"):   # fp32's range: 2**40 is no problem
+        result = train.train_step(params, config, albor.AdamW(params), inputs, targets, 1e-3, 1.0, 1,
+                                  new_timing(), gpu.LossScaler(scale=2.0**40))
+        assert result[3] is True
+    params = albor.init_params(config, seed=37)
+    optimizer = albor.AdamW(params)
+    scaler = gpu.LossScaler(scale=2.0**40, growth_interval=3)
+    history, losses = [], []
+    with gpu.settings(matmul_dtype="fp16"):
+        for step in range(1, 41):
+            before = {name: p.copy() for name, p in params.items()}
+            scale, t = scaler.scale, optimizer.t
+            loss, (norm, _), _, stepped = train.train_step(params, config, optimizer, inputs, targets,
+                                                      3e-3, 1.0, step, new_timing(), scaler)
+            assert stepped == math.isfinite(norm) and math.isfinite(loss)
+            if not stepped:
+                assert scaler.scale == scale / 2 and optimizer.t == t
+                assert all(params[n].tobytes() == before[n].tobytes() for n in params)
+            history.append((scale, stepped))
+            losses.append(loss)
+    first_step = next(i for i, (_, stepped) in enumerate(history) if stepped)
+    assert first_step >= 5                                   # 2**40 really overflowed
+    later = history[first_step:]
+    assert max(scale for scale, _ in later) > history[first_step][0]   # the scale grew again,
+    assert not all(stepped for _, stepped in later)          # overflowed again, was halved,
+    assert sum(stepped for _, stepped in later) >= 15 and later[-1][1]  # and steps went on
+    assert losses[-1] < losses[first_step] - 0.5
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """Arguments of a small tiny-config train.py run on a few stdlib snippets (4 steps)."""
+    from tokenizer import Tokenizer
+    folder = tmp_path_factory.mktemp("dtype_run")
+    corpus = folder / "corpus"
+    corpus.mkdir()
+    files = [p for p in train.stdlib_python_files() if p.stat().st_size > 3000][:24]
+    texts = [p.read_bytes().decode("utf-8", errors="replace")[:400] for p in files]
+    for i, text in enumerate(texts):
+        (corpus / f"doc{i:02d}.py").write_text(text, encoding="utf-8")
+    Tokenizer.train(texts, vocab_size=400).save(folder / "tokenizer.json")
+    return ["--config", "tiny", "--data", str(corpus), "--tokenizer", str(folder / "tokenizer.json"),
+            "--rows", "16", "--val-rows", "4", "--seq-len", "32", "--batch-size", "2",
+            "--grad-accum", "2", "--max-steps", "4", "--eval-samples", "0"]
+
+
+def test_train_py_runs_each_dtype_on_the_cpu(numpy_backend, tiny_run, tmp_path, capsys):
+    """`train.py --dtype X` on a CPU: the emulation runs the whole command (the setup line says
+    so), fp16 logs its loss scale; each precision's losses are close to fp32's but not the same
+    numbers (the rounding acts), bf16 furthest."""
+    curves = {}
+    for dtype in ("fp32", "tf32", "bf16", "fp16"):
+        out = tmp_path / dtype
+        assert train.main(tiny_run + ["--dtype", dtype, "--out", str(out)]) == 0
+        lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        curves[dtype] = [line["loss"] for line in lines]
+        assert ("loss_scale" in lines[0]) == (dtype == "fp16")
+        if dtype != "fp32":
+            assert f"{dtype} matmuls (emulated: slower than fp32)" in capsys.readouterr().out
+    for dtype in ("tf32", "bf16", "fp16"):
+        differences = [abs(a - b) for a, b in zip(curves[dtype], curves["fp32"])]
+        assert 0 < max(differences) < 0.05, (dtype, curves)
+    assert max(abs(a - b) for a, b in zip(curves["bf16"], curves["fp32"])) > max(
+        abs(a - b) for a, b in zip(curves["fp16"], curves["fp32"]))
+
+
+# ============================================================================================
+# 5. The step clock
 # ============================================================================================
 
 def test_phase_clock_adds_up_phases_over_steps(numpy_backend):
@@ -466,7 +787,144 @@ def test_docstring_examples_of_the_gpu_section():
 
 
 # ============================================================================================
-# 5. On a GPU (deselected without one)
+# 6. On the stand-in GPU (tests/fake_device.py): one wait per step, no backend-blind cache
+# ============================================================================================
+
+def train_on(backend, monkeypatch, emulator, path, dtype, steps=2):
+    """train.py's steps (2 micro-batches each) and an evaluation of the tiny model on NumPy or
+    on the stand-in device, on the reference or the kernel path, at `dtype`. Returns (each
+    step's result, the validation loss, the final weights as bytes, the device's waits: each
+    step's, then the evaluation's, the operand types the GemmEx stand-in got)."""
+    device = FakeDevice()
+    xp = device.xp if backend == "device" else np
+    config = albor.get_config("tiny")
+    inputs, targets = tiny_step_batch(config, seed=40, T=16)
+    kernels = None
+    if path == "kernels":
+        kernels = gpu.Kernels(device.kernel_module(emulator) if backend == "device" else emulator, xp)
+    with monkeypatch.context() as patch, gpu.settings(kernels=kernels, matmul_dtype=dtype):
+        on_backend(patch, xp, "cupy" if backend == "device" else "numpy")
+        gemm_operands = set()
+
+        def gemm(a, b):  # the cuBLAS call's stand-in, noting what it is handed
+            gemm_operands.add((a.dtype.name, b.dtype.name))
+            return gpu.emulated_gemm(a, b)
+        patch.setattr(gpu, "cublas_gemm", gemm)
+        params = albor.init_params(config, seed=41)
+        optimizer = albor.AdamW(params)
+        scaler = gpu.LossScaler(scale=2.0**12) if dtype == "fp16" else None
+        workers = cpu.DataParallel(1)
+        results, waits = [], []
+        for step in range(1, steps + 1):
+            before = len(device.syncs)
+            results.append(train.train_step(params, config, optimizer, inputs, targets, 1e-3, 1.0,
+                                            step, new_timing(), scaler, workers))
+            waits.append(device.syncs[before:])
+        before = len(device.syncs)
+        val_loss = train.evaluate(params, config, inputs[0], targets[0], 1, workers)
+        waits.append(device.syncs[before:])
+        weights = {name: gpu.to_numpy(p).tobytes() for name, p in params.items()}
+    return results, val_loss, weights, waits, gemm_operands
+
+
+@pytest.mark.parametrize("path", ["reference", "kernels"])
+@pytest.mark.parametrize("dtype", ["fp32", "bf16", "fp16"])
+def test_a_training_step_waits_for_the_gpu_once(path, dtype, emulator, monkeypatch):
+    """On the stand-in GPU each of train.py's steps (two, of two micro-batches each) waits for
+    the device exactly once: in apply_update, one copy of the micro-batches' losses and the
+    gradient norm (ids and targets are checked and counted on the host, losses and norm stay on
+    the device until then, the clip is decided there, the phase clock does not wait). A
+    float(), int(), bool(), to_numpy() or boolean mask on a device value anywhere in a step
+    would add a wait and fail this. evaluate() waits once too. And the stand-in changes no
+    number: the same results and weights as on NumPy, byte for byte, though it takes the GPU's
+    storage for bf16/fp16 (float16 arrays, bfloat16 bits) where NumPy keeps the same numbers
+    in float32."""
+    on_numpy = train_on("numpy", monkeypatch, emulator, path, dtype)
+    on_device = train_on("device", monkeypatch, emulator, path, dtype)
+    waits = on_device[3]
+    assert waits == [["asnumpy"]] * 3, waits
+    assert on_device[:3] == on_numpy[:3]
+    loss, (norm_before, norm_after) = on_device[0][0][:2]
+    assert all(isinstance(value, float) for value in (loss, norm_before, norm_after))
+    assert on_device[4] == ({("float16", "float16")} if dtype == "fp16" else
+                            {("uint16", "uint16")} if dtype == "bf16" else set())  # what cuBLAS gets
+
+
+def test_the_step_clock_reads_the_optimizer_phase_a_step_late_on_a_gpu(monkeypatch):
+    """The phase clock never waits: after a step its forward and backward (finished before the
+    step's one wait) are counted; its optimizer phase (queued after that wait) is counted at
+    the next step, when the GPU has got there."""
+    device = FakeDevice()
+    on_backend(monkeypatch, device.xp, "cupy")
+    config = albor.get_config("tiny")
+    inputs, targets = tiny_step_batch(config, seed=42)
+    with gpu.settings(kernels=None, matmul_dtype="fp32"):
+        params = albor.init_params(config, seed=43)
+        optimizer, workers, timing = albor.AdamW(params), cpu.DataParallel(1), new_timing()
+        train.train_step(params, config, optimizer, inputs, targets, 1e-3, 1.0, 1, timing, None, workers)
+        assert timing["forward_seconds"] > 0 and timing["backward_seconds"] > 0
+        assert timing["optimizer_seconds"] == 0
+        train.train_step(params, config, optimizer, inputs, targets, 1e-3, 1.0, 2, timing, None, workers)
+        assert timing["optimizer_seconds"] > 0
+    assert "Event.synchronize" not in device.syncs
+
+
+def test_the_stand_in_device_counts_waits_and_refuses_host_arrays():
+    """The stand-in itself: what waits, what does not, and a NumPy array meeting a device array
+    raises TypeError as in CuPy (so the tests above would see both)."""
+    device = FakeDevice()
+    xp = device.xp
+    a = xp.asarray(np.arange(6.0).reshape(2, 3))
+    total = (a * 2).sum() + xp.exp(a).max()
+    mask = a > 2
+    assert device.syncs == [] and type(total) is DeviceArray and total.ndim == 0
+    float(total), int(a[0, 1]), bool(mask.any()), a[mask], xp.nonzero(mask), xp.asnumpy(a)
+    f"{total:.1f}"
+    assert device.syncs == ["float", "int", "bool", "boolean-mask index", "nonzero", "asnumpy", "format"]
+    for mix in (lambda: a + np.ones(3), lambda: np.ones(3) * a, lambda: xp.where(mask, a, np.zeros(3)),
+                lambda: a.__setitem__(0, np.ones(3)), lambda: np.concatenate([a, a])):
+        with pytest.raises(TypeError):
+            mix()
+
+
+def model_outputs(config, idx, targets):
+    """Forward, backward and KV-cache decoding of the tiny model, on whatever albor.xp is."""
+    params = albor.init_params(config, seed=44)
+    loss, cache = albor.forward(params, config, idx, targets)
+    grads = albor.backward(params, config, cache)
+    kv = albor.kv_cache_new(config, 1, 16)
+    logits = albor.forward_step(params, config, idx[:1, :10], kv)
+    logits_next = albor.forward_step(params, config, idx[:1, 10:12], kv)
+    return [loss, logits, logits_next] + list(grads.values())
+
+
+def test_no_array_cache_outlives_a_change_of_backend(monkeypatch):
+    """The model on NumPy, then on the stand-in GPU, then on NumPy again: each run's arrays are
+    its own backend's, and no run meets an array of the other. An array cached without the
+    backend in its key (like the old functools.lru_cache'd causal mask, keyed by (T, group,
+    dtype)) would hand the second run the first run's array, and the stand-in refuses that as
+    CuPy does (TypeError). Also no wait in a forward and backward: the ids and targets are
+    checked on the host."""
+    config = albor.get_config("tiny")
+    idx, targets = batch(config, B=2, T=20, seed=45)
+    runs = []
+    for backend in ("numpy", "device", "numpy"):
+        device = FakeDevice()
+        with monkeypatch.context() as patch, gpu.settings(kernels=None, matmul_dtype="fp32"):
+            on_backend(patch, device.xp if backend == "device" else np, backend.replace("device", "cupy"))
+            outputs = model_outputs(config, idx, targets)
+            host = [gpu.to_numpy(a) for a in outputs]
+        if backend == "device":
+            assert all(type(a) is DeviceArray for a in outputs)
+        else:
+            assert type(outputs[0]) is np.float64 and all(type(a) is np.ndarray for a in outputs[1:])
+        assert device.syncs == (["asnumpy"] * len(outputs) if backend == "device" else []), device.syncs
+        runs.append([a.tobytes() for a in host])
+    assert runs[0] == runs[1] == runs[2]
+
+
+# ============================================================================================
+# 7. On a GPU (deselected without one)
 # ============================================================================================
 
 def gpu_batch(config, B, T, seed):
@@ -564,6 +1022,53 @@ def test_gpu_matmul_precisions(name, tol):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("name", ["bf16", "fp16"])
+def test_gpu_gemm_equals_the_cpu_emulation(name):
+    """cuBLAS GemmEx on half operands (float16 as CUDA_R_16F, bfloat16 bits as CUDA_R_16BF)
+    gives the numbers the CPU's emulation gives from the same operands (converted back to
+    float32, multiplied with float32 sums) up to the order of the sums: within 1e-5 of the
+    largest entry, for the layouts the model uses. A wrong type or layout would be far off."""
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((512, 256)).astype(np.float32)
+    w = rng.standard_normal((384, 256)).astype(np.float32)
+    dy = rng.standard_normal((512, 384)).astype(np.float32)
+    try:
+        gpu.configure(matmul_dtype=name)
+        for a, b in [(x, w.T), (dy, w), (dy.T, x)]:
+            a, b = albor.xp.asarray(a), albor.xp.asarray(b)
+            got = albor.to_numpy(albor.matmul(a, b))
+            half_a, half_b = gpu.half_operand(a), gpu.half_operand(b)
+            assert half_a.dtype == (np.float16 if name == "fp16" else np.uint16)
+            emulated = albor.to_numpy(gpu.to_float32(half_a) @ gpu.to_float32(half_b))
+            close(got, emulated, 1e-5, f"{name}: cuBLAS vs the emulation")
+    finally:
+        gpu.configure(matmul_dtype="fp32")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+def test_gpu_half_weights_are_made_once_per_step(dtype, monkeypatch):
+    """On CuPy arrays too (the copies are found through __cuda_array_interface__): each weight
+    matrix converted once per step of 3 micro-batches, from the updated weights."""
+    config = albor.get_config("tiny")
+    params = albor.init_params(config, seed=30)
+    optimizer = albor.AdamW(params)
+    inputs, targets = tiny_step_batch(config, seed=31, micro_batches=3)
+    try:
+        gpu.configure(matmul_dtype=dtype)
+        for step in (1, 2):
+            master = {name: p.copy() for name, p in params.items()}
+            converted = weight_conversions(params, config, optimizer, inputs, targets, step,
+                                           monkeypatch)
+            assert sorted(n for n, _ in converted) == sorted(n for n, p in params.items() if p.ndim == 2)
+            for name, half in converted:
+                want = gpu.to_half(master[name], dtype)
+                assert albor.to_numpy(half).tobytes() == albor.to_numpy(want).tobytes(), name
+    finally:
+        gpu.configure(matmul_dtype="fp32")
+
+
+@pytest.mark.gpu
 def test_gpu_fp16_training_with_the_loss_scaler():
     """A few fp16 steps of a small model with dynamic loss scaling, started at a scale far too
     large: every step either overflows (skipped: weights unchanged, scale halved) or steps,
@@ -580,8 +1085,10 @@ def test_gpu_fp16_training_with_the_loss_scaler():
         for _ in range(40):
             before = albor.to_numpy(params["model.norm.weight"]).copy()
             scale = scaler.scale
-            loss, grads = loss_and_grads(params, config, idx, targets, loss_scale=scale)
-            norm, stepped = train.apply_update(optimizer, params, grads, 3e-3, 1.0, scaler, 1)
+            with gpu.half_weights(params):
+                loss, grads = loss_and_grads(params, config, idx, targets, loss_scale=scale)
+            (norm, _), stepped, (loss,) = train.apply_update(optimizer, params, grads, 3e-3, 1.0,
+                                                             scaler, 1, [loss])
             assert stepped == math.isfinite(norm)
             if not stepped:
                 assert scaler.scale == scale / 2
@@ -604,7 +1111,7 @@ def test_gpu_injected_overflow_skips_the_step():
     _, grads = loss_and_grads(params, config, idx, targets, loss_scale=scaler.scale)
     grads["model.embed_tokens.weight"][7, 3] = np.nan
     before = {name: albor.to_numpy(p).tobytes() for name, p in params.items()}
-    norm, stepped = train.apply_update(optimizer, params, grads, 1e-3, 1.0, scaler, 1)
+    (norm, _), stepped, _ = train.apply_update(optimizer, params, grads, 1e-3, 1.0, scaler, 1)
     assert not stepped and math.isnan(norm) and scaler.scale == 2.0 ** 15
     assert {name: albor.to_numpy(p).tobytes() for name, p in params.items()} == before
 

@@ -317,8 +317,9 @@ def test_loss_scale_and_accumulation():
 
 def test_data_parallel_equals_one_forward_backward_of_the_whole_micro_batch():
     """Rows shared out over 3 worker threads (shards of 1, 2 and 2 rows, counting 6, 10 and 12
-    targets), two micro-batches accumulated, loss_scale applied: the same mean loss
-    and the same summed gradients as forward + backward on whole micro-batches (float64)."""
+    targets), two micro-batches accumulated, loss_scale applied: the same loss (summed over the
+    counted targets) and the same summed gradients as forward + backward on whole micro-batches
+    (float64)."""
     r = rng(11)
     params = float64_params(SMALL)
     batches = []
@@ -332,8 +333,10 @@ def test_data_parallel_equals_one_forward_backward_of_the_whole_micro_batch():
     for idx, targets in batches:
         loss, cache = albor.forward(params, SMALL, idx, targets)
         expected = albor.backward(params, SMALL, cache, loss_scale=0.5, grads=expected)
-        assert workers.forward_backward(params, SMALL, idx, targets, loss_scale=0.5) == pytest.approx(loss, rel=1e-12)
-        assert workers.loss(params, SMALL, idx, targets) == pytest.approx(loss, rel=1e-12)
+        counted = int((targets != IGNORE_INDEX).sum())
+        assert workers.forward_backward(params, SMALL, idx, targets, loss_scale=0.5) == \
+            pytest.approx(loss * counted, rel=1e-12)
+        assert workers.loss_sum(params, SMALL, idx, targets) == pytest.approx(loss * counted, rel=1e-12)
     got = workers.gradients()
     assert list(got) == list(params)
     for name in params:
@@ -359,9 +362,9 @@ def test_data_parallel_is_deterministic_and_skips_shards_with_nothing_to_count()
     for name in params:
         assert runs[0][1][name].tobytes() == runs[1][1][name].tobytes(), name
     reference, cache = albor.forward(params, SMALL, idx[:2], targets[:2])
-    assert runs[0][0] == pytest.approx(reference, rel=1e-6)
+    assert runs[0][0] == pytest.approx(reference * targets[:2].size, rel=1e-6)
     with pytest.raises(ValueError, match="every target is IGNORE_INDEX"):
-        cpu.DataParallel(2).loss(params, SMALL, idx, np.full_like(targets, IGNORE_INDEX))
+        cpu.DataParallel(2).loss_sum(params, SMALL, idx, np.full_like(targets, IGNORE_INDEX))
 
 
 def test_row_shards_and_worker_count():

@@ -37,7 +37,6 @@ import setup_check  # noqa: E402
 import workshop  # noqa: E402
 
 LEARNER_PATH = workshop.LEARNER_PATH
-TIME_LIMIT = 60   # seconds a notebook may take, each run (the workshop's promise on a 2-core CPU)
 _runs = {}        # (notebook, "shipped" or "solved") -> (executed notebook, seconds)
 
 
@@ -93,12 +92,6 @@ def test_with_the_answers_every_checker_says_right(name):
     nb, _ = run(name, "solved")
     said = workshop.verdicts(nb)
     assert len(said) >= 2 and all(line == checks.RIGHT for line in said), said
-
-
-@pytest.mark.parametrize("name", LEARNER_PATH)
-def test_notebook_runs_in_under_a_minute(name):
-    seconds = {kind: round(run(name, kind)[1], 1) for kind in ("shipped", "solved")}
-    assert max(seconds.values()) < TIME_LIMIT, seconds
 
 
 @pytest.mark.parametrize("name", LEARNER_PATH)

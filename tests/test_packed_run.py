@@ -4,6 +4,7 @@ byte, --minutes, the workshop preset and the loss plot.
 Runs call train.main(argv) in-process on the tiny config, on a corpus of small generated
 Python files (each one unique, so a leak of a validation document into training shows).
 """
+import contextlib
 import json
 import math
 import os
@@ -66,7 +67,8 @@ def read_json(folder, name):
 def setup_run(argv):
     """train.py's setup (settings, data, weights) without training: the run's arrays."""
     args, given = train.parse_settings([str(a) for a in argv])
-    return train.setup(args, given)
+    with contextlib.ExitStack() as held:   # the run folder's lock, let go at once
+        return train.setup(args, given, held)
 
 
 # -----------------------------------------------------------------------------
@@ -241,7 +243,7 @@ def test_minutes_fits_the_schedule_and_leaves_the_weights_as_max_steps_would(pac
                                                                            capsys):
     """--minutes times steps on a scratch copy, fixes max_steps, and the run is then exactly the
     --max-steps run of that length (the deadline is switched off here, so load cannot cut it)."""
-    monkeypatch.setattr(train, "past_deadline", lambda run_, step: False)
+    monkeypatch.setattr(train, "past_deadline", lambda run_: False)
     run(packed + ["--minutes", "0.02", "--out", tmp_path / "budget"])
     out = capsys.readouterr().out
     assert "--minutes 0.02: a step takes" in out and "loss plot:" in out

@@ -119,7 +119,11 @@ def test_help_documents_every_flag(capsys):
     (["--rows", "0"], "--rows must be at least 1"),
     (["--val-rows", "-1"], "--val-rows must be 0 or more"),
     (["--lr", "-1"], "--lr must be positive"),
-    (["--lr", "nan"], "--lr must be positive"),
+    (["--lr", "nan"], "--lr must be a finite number"),
+    (["--seed", "-1"], "--seed must be 0 or more"),
+    (["--data", ""], "--data is empty"),
+    (["--resume", ""], "--resume is empty"),
+    (["--tokenizer", ""], "--tokenizer is empty"),
     (["--min-lr", "1"], "--min-lr must lie in [0, --lr]"),
     (["--beta1", "1"], "--beta1 must lie in [0, 1)"),
     (["--beta2", "-0.5"], "--beta2 must lie in [0, 1)"),
@@ -169,7 +173,7 @@ def test_rows_are_tokens_then_eot_then_padding(tok_file):
 def test_a_long_documents_row_equals_encoding_the_whole_document(tok_file):
     tok = Tokenizer.load(tok_file)
     text = max(stdlib_python_files()[:200], key=lambda p: p.stat().st_size).read_text(encoding="utf-8")
-    assert len(text) > train.PREFIX_CHARS_PER_TOKEN * 65
+    assert len(text) > 100 * 65
     assert train.encode_row(tok, text, 64) == tok.encode(text)[:65]
 
 
@@ -333,6 +337,8 @@ def test_falsify_002_grad_norms_finite_and_clipped(base, tmp_path, monkeypatch):
     run(base + ["--max-steps", "8", "--lr", "3e-3", "--grad-clip", "0.5", "--out", tmp_path / "clipped"])
     logged = [line["grad_norm"] for line in metrics(tmp_path / "clipped")]
     assert logged == [before for before, _ in after]                 # the log has the pre-clip norm
+    assert [line["grad_norm_clipped"] for line in metrics(tmp_path / "clipped")] == \
+        pytest.approx([post for _, post in after], rel=1e-9)        # and the norm measured after clipping
     assert all(math.isfinite(n) for n in logged)
     assert any(before > 0.5 for before, _ in after)                   # clipping had work to do
     assert all(post <= 0.5 * (1 + 1e-6) for _, post in after)
@@ -471,26 +477,29 @@ def test_every_optimizer_flag_reaches_the_optimizer(base, tmp_path):
 # stopping, resuming, starting from weights
 
 
-def interrupt_on_backward_call(monkeypatch, call_number):
-    """Make the call_number-th albor.backward send this process a SIGINT (a Ctrl-C)."""
-    real_backward = albor.backward
+def signal_on_call(monkeypatch, module, name, call_numbers, signum=signal.SIGINT):
+    """Make the call_numbers-th calls of module.name first send this process signum (SIGINT: a
+    Ctrl-C)."""
+    real = getattr(module, name)
     calls = []
 
-    def backward(*args, **kwargs):
+    def wrapper(*args, **kwargs):
         calls.append(1)
-        if len(calls) == call_number:
-            signal.raise_signal(signal.SIGINT)
-        return real_backward(*args, **kwargs)
+        if len(calls) in call_numbers:
+            signal.raise_signal(signum)
+        return real(*args, **kwargs)
 
-    monkeypatch.setattr(albor, "backward", backward)
+    monkeypatch.setattr(module, name, wrapper)
 
 
-def test_ctrl_c_saves_and_resume_continues_byte_for_byte(base, tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP])
+def test_a_stop_signal_saves_and_resume_continues_byte_for_byte(signum, base, tmp_path, monkeypatch, capsys):
+    """Ctrl-C, SIGTERM (kill, timeout, a scheduler) and SIGHUP (the terminal closed) alike."""
     argv = base + ["--max-steps", "6", "--lr", "2e-3"]
     run(argv + ["--out", tmp_path / "straight"])
-    interrupt_on_backward_call(monkeypatch, 5)               # during step 3 (2 micro-batches a step)
+    signal_on_call(monkeypatch, albor, "backward", {5}, signum)   # during step 3 (2 micro-batches a step)
     run(argv + ["--out", tmp_path / "stopped"])
-    assert "stopped at step 3 of 6" in capsys.readouterr().out
+    assert f"stopped at step 3 of 6 ({signal.Signals(signum).name})" in capsys.readouterr().out
     assert safetensors_metadata(tmp_path / "stopped" / "model.safetensors")["step"] == "3"
     assert not read_json(tmp_path / "stopped", "final_model.json")["finished"]
     monkeypatch.undo()
@@ -506,10 +515,11 @@ def test_ctrl_c_saves_and_resume_continues_byte_for_byte(base, tmp_path, monkeyp
 
 def test_a_second_ctrl_c_quits_at_once():
     stop = train.StopRequest()
+    stop.at_once = False                       # while training
     stop(signal.SIGINT, None)
-    assert stop.requested
+    assert stop.requested == "SIGINT"
     with pytest.raises(KeyboardInterrupt):
-        stop(signal.SIGINT, None)
+        stop(signal.SIGTERM, None)
 
 
 def test_resume_into_another_folder_and_with_a_longer_schedule(base, tmp_path):
@@ -529,7 +539,7 @@ def test_resume_refuses_changed_data_or_a_contradicting_config(base, tmp_path):
             (["--seed", "5"], "--seed 5 differs")):
         with pytest.raises(SystemExit, match=message):
             train.main(["--resume", str(tmp_path / "a")] + argv)
-    with pytest.raises(SystemExit, match="trainer_state.json: file not found"):
+    with pytest.raises(SystemExit, match="nowhere: no such folder"):
         train.main(["--resume", str(tmp_path / "nowhere")])
 
 
