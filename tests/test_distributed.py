@@ -212,6 +212,22 @@ def test_two_ranks_train_as_one_process_of_two_threads_does_byte_for_byte(base, 
     assert (differences > WEIGHT_TOLERANCE).mean() <= WEIGHTS_BEYOND
 
 
+def test_two_ranks_train_packed_windows_with_validations_as_one_process_does(base, tmp_path):
+    """Packed data (--data-mode packed) and a validation every 2 steps: the ranks' metrics.jsonl
+    (the validations' lines too) and checkpoint are one process's of 2 worker threads."""
+    argv = base + ["--data-mode", "packed", "--max-steps", "4", "--eval-every", "2"]
+    one = launch(argv + ["--out", tmp_path / "one"], threads=2)
+    two = launch(argv + ["--out", tmp_path / "two"], ranks=2, TEST_THREADS=2)
+    assert one.returncode == 0, one.stderr
+    assert two.returncode == 0, two.stderr
+    lines = metrics(tmp_path / "two")
+    assert [line["step"] for line in lines] == [0, 1, 2, 3, 4]                 # step 0: the first validation
+    assert [line["step"] for line in lines if "val_loss" in line] == [0, 2, 4]
+    assert lines == metrics(tmp_path / "one")
+    assert same_bytes(tmp_path / "one", tmp_path / "two")
+    assert (tmp_path / "two" / "loss.png").is_file()
+
+
 def test_ctrl_c_at_the_terminal_stops_every_rank_after_a_step_and_saves_once(base, tmp_path):
     """A terminal's Ctrl-C signals the whole foreground process group: mpiexec (which forwards
     it to the ranks) and the ranks themselves. The run still stops once, cleanly."""

@@ -18,6 +18,7 @@ import albor
 import bench
 import checkpoint
 import train
+from test_train import metrics, read_json, run  # the helpers a run's tests share
 from tokenizer import EOT_ID, PAD_ID, Tokenizer
 
 IGNORE = albor.IGNORE_INDEX
@@ -48,20 +49,6 @@ def packed(corpus, tok_file, tmp_path):
     return ["--config", "tiny", "--data", corpus, "--tokenizer", tok_file, "--data-mode", "packed",
             "--rows", "all", "--val-rows", "6", "--seq-len", "32", "--batch-size", "4", "--grad-accum", "2",
             "--eval-samples", "0", "--out", tmp_path / "runs" / "packed"]
-
-
-def run(argv):
-    assert train.main([str(a) for a in argv]) == 0
-
-
-def metrics(folder):
-    with open(os.path.join(folder, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f]
-
-
-def read_json(folder, name):
-    with open(os.path.join(folder, name)) as f:
-        return json.load(f)
 
 
 def setup_run(argv):
