@@ -160,8 +160,9 @@ FLAGS = [   # (flag, help, argparse options), in --help's order
      dict(type=int, metavar="N")),
     ("--minutes", "a time budget instead of --max-steps: the first steps are timed (on a scratch "
                   "copy of the model), max-steps becomes the number that fit in the budget, counted "
-                  "from the start of train.py, and the schedule ends there; the run stops at the "
-                  "budget at the latest and then evaluates and saves as usual",
+                  "from the start of train.py, and the schedule ends there (fitted again every 100 "
+                  "steps to the pace measured); the run stops at the budget at the latest and then "
+                  "evaluates and saves as usual",
      dict(type=float, metavar="M")),
     ("--lr", "peak learning rate", dict(type=float)),
     ("--min-lr", "learning-rate floor the cosine decays to; default: lr / 10", dict(type=float)),
@@ -1310,6 +1311,7 @@ def train_loop(run):
     # a layer clock on the CPU only: on a GPU it would have to wait for every layer
     layer_clock = cpu.LayerClock() if albor.BACKEND == "numpy" else None
     step, stopping = run.start_step, False
+    recent = collections.deque(maxlen=REFIT_EVERY)   # --minutes: the last steps' seconds
     bar = tqdm(total=run.max_steps, initial=step, unit="step", dynamic_ncols=True)
     metrics_path = os.path.join(run.out, METRICS) if run.group.is_root else os.devnull  # rank 0 writes
     try:
@@ -1329,6 +1331,11 @@ def train_loop(run):
                 if run.args["save_every"] and step % run.args["save_every"] == 0 and step < run.max_steps:
                     save(run, step)
                 stopping = run.group.any(run.stop.requested)   # a stop signal on any rank stops them all
+                if run.deadline is not None:
+                    recent.append(record["seconds"])
+                    if step % REFIT_EVERY == 0 and step < run.max_steps:
+                        refit_to_budget(run, step, sum(recent) / len(recent))
+                        bar.total = run.max_steps
                 if run.deadline is not None and step < run.max_steps and run.group.any(past_deadline(run)):
                     tqdm.write(f"note: the time budget of --minutes {run.args['minutes']:g} ran out after "
                                f"step {step} of {run.max_steps} (the machine ran slower than timed); "
@@ -1397,8 +1404,9 @@ def fit_to_budget(run, wall_start):
     weights and optimizer, thrown away after, so the run itself starts untouched. A step costs
     the faster of the timed ones, plus a validation every --eval-every steps at what the one
     before training took. The budget counts from wall_start (the start of train.py); the steps
-    fitted are what is left of it, less the last step's validation. The loop also stops at the
-    deadline (a slower machine than measured), and the run then evaluates and saves as usual.
+    fitted are what is left of it, less the last step's validation. The loop fits the steps left
+    again every REFIT_EVERY steps, at the pace it measures (refit_to_budget), and stops at the
+    deadline at the latest; the run then evaluates and saves as usual.
     """
     args = run.args
     deadline = wall_start + 60 * args["minutes"]
@@ -1431,6 +1439,20 @@ def steps_that_fit(seconds_left, step_seconds, eval_seconds, eval_every):
     per_step = step_seconds + (eval_seconds / eval_every if eval_every else 0.0)
     last_validation = eval_seconds if eval_every else 0.0
     return max(1, int((seconds_left - last_validation) / per_step))
+
+
+REFIT_EVERY = 100   # --minutes: the steps left are fitted to the time left again every this many steps
+
+
+def refit_to_budget(run, step, step_seconds):
+    """--minutes on a machine whose speed drifts (a shared machine, a laptop that throttles): fit
+    the steps left to the time left again, at step_seconds a step (the pace of the last steps), so
+    that the cosine still ends at the budget. The warmup stays as first fitted; the learning rate
+    moves a little at each refit. With MPI every rank takes the same count."""
+    args = run.args
+    eval_seconds = run.last_validation[2] if args["eval_every"] and run.last_validation else 0.0
+    fitted = steps_that_fit(run.deadline - time.perf_counter(), step_seconds, eval_seconds, args["eval_every"])
+    run.max_steps = args["max_steps"] = step + int(run.group.sum_floats([fitted])[0]) // run.group.size
 
 
 def past_deadline(run):

@@ -231,6 +231,7 @@ def test_minutes_fits_the_schedule_and_leaves_the_weights_as_max_steps_would(pac
     """--minutes times steps on a scratch copy, fixes max_steps, and the run is then exactly the
     --max-steps run of that length (the deadline is switched off here, so load cannot cut it)."""
     monkeypatch.setattr(train, "past_deadline", lambda run_: False)
+    monkeypatch.setattr(train, "refit_to_budget", lambda run_, step, seconds: None)
     run(packed + ["--minutes", "0.02", "--out", tmp_path / "budget"])
     out = capsys.readouterr().out
     assert "--minutes 0.02: a step takes" in out and "loss plot:" in out
@@ -255,6 +256,33 @@ def test_the_deadline_ends_the_run_cleanly_and_saves(packed, tmp_path, monkeypat
     summary = read_json(tmp_path / "r", "final_model.json")
     assert summary["finished"] and summary["steps"] == 1 and summary["val_loss"] is not None
     assert [line["step"] for line in metrics(tmp_path / "r")] == [1]
+
+
+def test_the_steps_left_are_fitted_again_to_the_pace_measured(packed, tmp_path, monkeypatch):
+    """Every REFIT_EVERY steps the steps left are fitted to the time left at the measured pace:
+    max_steps and so the cosine follow it, the warmup stays, and the run ends where the last fit
+    says (here a fake fit: 4 steps left after step 2, 1 after step 4)."""
+    def fit(run_, wall_start):
+        run_.args["max_steps"] = 1000
+        train.set_schedule(run_, 1000)
+        run_.warmup, run_.deadline = 2, train.time.perf_counter() + 3600
+    fits = iter([4, 1])
+    paces = []
+
+    def steps_left(seconds_left, step_seconds, eval_seconds, eval_every):
+        paces.append(step_seconds)
+        return next(fits)
+    monkeypatch.setattr(train, "fit_to_budget", fit)
+    monkeypatch.setattr(train, "steps_that_fit", steps_left)
+    monkeypatch.setattr(train, "REFIT_EVERY", 2)
+    run(packed + ["--minutes", "60", "--out", tmp_path / "r"])
+    summary = read_json(tmp_path / "r", "final_model.json")
+    assert summary["steps"] == summary["max_steps"] == 5 and summary["warmup"] == 2
+    assert read_json(tmp_path / "r", "trainer_state.json")["args"]["max_steps"] == 5
+    lrs = [line["lr"] for line in metrics(tmp_path / "r")]
+    schedule = [1000, 1000, 6, 6, 5]   # max_steps when each step ran
+    assert lrs == [albor.lr_at(step, n, summary["lr"], 2, summary["min_lr"]) for step, n in enumerate(schedule, 1)]
+    assert len(paces) == 2 and all(p > 0 for p in paces)
 
 
 def test_minutes_and_max_steps_on_the_command_line_and_with_resume(packed, tmp_path, capsys):
