@@ -1569,9 +1569,13 @@ def plot_losses(folder, final_validation=None):
     val = [(r["step"], r["val_loss"]) for r in records if r.get("val_loss") is not None]
     if final_validation and final_validation[1] is not None and final_validation not in val:
         val.append(final_validation)
+    window = max(1, len(train) // 50)   # the training loss's running mean, over 2% of the steps
+    running = [(step, sum(loss for _, loss in train[max(0, i + 1 - window):i + 1]) / min(window, i + 1))
+               for i, (step, _) in enumerate(train)] if window > 1 else []
     figure = Figure(figsize=(8, 4.5), dpi=100)
     axes = figure.subplots()
-    for points, label, style in ((train, "training loss (each step's batch)", dict(lw=0.8, alpha=0.8)),
+    for points, label, style in ((train, "training loss (each step's batch)", dict(lw=0.6, alpha=0.35)),
+                                 (running, f"its running mean over {window} steps", dict(lw=1.2, color="C0")),
                                  (val, "validation loss (held-out documents)", dict(marker="o", ms=3))):
         if points:
             axes.plot(*zip(*points), label=label, **style)

@@ -371,6 +371,14 @@ def test_plot_losses_draws_training_and_validation(tmp_path, monkeypatch):
     (val_x, val_y), val_label = drawn[1]
     assert list(val_x) == [0, 5, 10] and list(val_y) == [6.0, 5.6, 5.1]
     assert "training" in train_label and "validation" in val_label
+    # 100 steps: the running mean over 2 steps is drawn too
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "loss": float(s % 2)}) + "\n"
+                                                    for s in range(1, 101)))
+    drawn.clear()
+    train.plot_losses(tmp_path)
+    (mean_x, mean_y), mean_label = drawn[1]
+    assert "running mean over 2 steps" in mean_label
+    assert list(mean_x) == list(range(1, 101)) and mean_y[0] == 1.0 and set(mean_y[1:]) == {0.5}
 
 
 def test_bench_learning_prints_bits_per_byte_beside_gzip_and_xz(corpus, tok_file, tmp_path, capsys):
