@@ -793,22 +793,25 @@ def apply_update(optimizer, params, grads, lr, grad_clip, scaler, step, losses=(
     return (grad_norm, clipped_norm), stepped, losses
 
 
-def evaluate(params, config, inputs, targets, batch_size, workers=None):
+def evaluate(params, config, inputs, targets, batch_size, workers=None, group=distributed.SINGLE):
     """Mean loss over all non-pad target tokens of (inputs, targets) (NumPy arrays), or None for
     no rows. Each batch's rows are shared out over `workers` (a cpu.DataParallel; by default one
-    per core when BLAS is single-threaded, see cpu.cpu_workers). On a GPU the batches' losses
-    add up on the device and one wait at the end fetches the sum."""
+    per core when BLAS is single-threaded, see cpu.cpu_workers). On a GPU the batches' loss sums
+    stay on the device and one wait at the end fetches them. With MPI (group) each rank sums its
+    rows of each batch, and the batches' sums are added over the ranks before they add up."""
     workers = workers or cpu.DataParallel(cpu.cpu_workers())
-    total, count = 0.0, 0
+    sums, count = [], 0
     with gpu.half_weights(params):
         for start in range(0, len(inputs), batch_size):
             idx, tgt = inputs[start:start + batch_size], targets[start:start + batch_size]
             n_valid = int((tgt != albor.IGNORE_INDEX).sum())
             if n_valid == 0:
                 continue
-            total += workers.loss_sum(params, config, idx, tgt)
+            sums.append(workers.loss_sum(params, config, idx, tgt))   # this process's rows' sum
             count += n_valid
-    return gpu.fetch(total)[0] / count if count else None
+    if not count:
+        return None
+    return sum(group.sum_floats(gpu.fetch(*sums))) / count   # every rank's rows, batch by batch
 
 
 def perplexity(loss):
@@ -1376,7 +1379,7 @@ def validate(run, step):
     fields {"val_loss", "val_bpb"} (None without validation rows); kept in run.last_validation."""
     start = time.perf_counter()
     loss = evaluate(run.params, run.config, run.val_inputs, run.val_targets, run.args["batch_size"],
-                    run.workers)
+                    run.workers, run.group)
     fields = {"val_loss": loss, "val_bpb": val_bits_per_byte(run, loss)}
     run.last_validation = (step, fields, time.perf_counter() - start)
     run.timing["eval_seconds"] = run.timing.get("eval_seconds", 0.0) + run.last_validation[2]
@@ -1670,11 +1673,13 @@ def main(argv=None):
 
 def rank_zero_alone(run):
     """With MPI, after the training loop the other ranks are done: rank 0 alone goes on (the
-    final save, the evaluation, the summary; --eval-only) with worker threads on all its cores.
-    Returns whether this process goes on."""
-    if run.group.is_root and run.group.size > 1:
-        run.workers = cpu.DataParallel(cpu.cpu_workers())
-    return run.group.is_root
+    final save, the evaluation, the summary; --eval-only) with worker threads on all its cores,
+    as a group of one (no collective waits for the others). Returns whether this process goes on."""
+    if not run.group.is_root:
+        return False
+    if run.group.size > 1:
+        run.workers, run.group = cpu.DataParallel(cpu.cpu_workers()), distributed.SINGLE
+    return True
 
 
 def execute(argv, group=distributed.SINGLE):
