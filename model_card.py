@@ -23,7 +23,6 @@ import json
 import math
 import platform
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -111,24 +110,35 @@ def grad_norms_bounded(records, grad_clip):
                                        f"at most {after:.6g}, measured on {len(measured)} steps{unlogged}")
 
 
-def same_seed_same_bytes(model_sha256, command):
+RESUMED_CHANGED = "the run was resumed with changed settings"
+
+
+def no_command_reason(args):
+    """Why no single command reproduces a run's weights (its "reproduce" is None), from its
+    settings: a --minutes run's step count and schedule followed the machine's pace; any other
+    run lost its command when a resume changed a setting the weights depend on."""
+    if args.get("minutes"):
+        return "its steps and schedule were fitted to a time budget (--minutes) at the machine's pace"
+    return RESUMED_CHANGED
+
+
+def same_seed_same_bytes(model_sha256, command, why_none=RESUMED_CHANGED):
     """FALSIFY-ALBOR-003: the same settings and seed write the same model.safetensors, byte for
     byte. One run cannot test that about itself: its status stays NOT TESTED, with the command
-    that would (the test suite tests the prediction on a tiny model)."""
+    that would (the test suite tests the prediction on a tiny model), or why there is none."""
     prediction = "the same settings and seed give a byte-identical model.safetensors"
     if command is None:
-        return verdict(prediction, NOT_TESTED, "the run was resumed with changed settings, so no single "
-                                               "command reproduces these bytes")
+        return verdict(prediction, NOT_TESTED, f"{why_none}, so no single command reproduces these bytes")
     return verdict(prediction, NOT_TESTED, f"this run trained once: its SHA-256 is {model_sha256}; the "
                                            "command below trains it again (the suite tests the prediction on a "
                                            "tiny model)")
 
 
-def falsify(loss_curve, records, grad_clip, model_sha256, command):
+def falsify(loss_curve, records, grad_clip, model_sha256, command, why_none=RESUMED_CHANGED):
     """The three predictions' verdicts, by id (final_model.json's "falsify")."""
     return {"FALSIFY-ALBOR-001": loss_decreases(loss_curve),
             "FALSIFY-ALBOR-002": grad_norms_bounded(records, grad_clip),
-            "FALSIFY-ALBOR-003": same_seed_same_bytes(model_sha256, command)}
+            "FALSIFY-ALBOR-003": same_seed_same_bytes(model_sha256, command, why_none)}
 
 
 # -----------------------------------------------------------------------------
@@ -253,6 +263,7 @@ def measured(value, text, missing="not measured"):
 
 def model_details(fm, config):
     args, prov, data = fm["args"], fm["provenance"], fm["data"]
+    unit = "windows" if args.get("data_mode") == "packed" else "rows"   # --data-mode packed: of one stream
     timing, versions = fm["timing"], fm["software"]
     group = config.num_attention_heads // config.num_key_value_heads
     device = fm["device"]
@@ -269,10 +280,10 @@ def model_details(fm, config):
                         f"SwiGLU MLP {config.intermediate_size}, RMSNorm (eps {config.rms_norm_eps:g}), RoPE "
                         f"(theta {config.rope_theta:g}), no biases, embedding tied to the LM head",
         "vocabulary": f"{config.vocab_size:,} token ids (the tokenizer uses {fm['tokenizer']['vocab_size']:,})",
-        "context": f"trained on rows of {args['seq_len']:,} tokens; the model accepts "
+        "context": f"trained on {unit} of {args['seq_len']:,} tokens; the model accepts "
                    f"{config.max_position_embeddings:,} (max_position_embeddings)",
-        "training_data": f"{prov['train_rows']:,} rows of {prov['data']}: {data['train_tokens']:,} non-pad "
-                         f"tokens; {prov['val_rows']:,} more rows held out for validation",
+        "training_data": f"{prov['train_rows']:,} {unit} of {prov['data']}: {data['train_tokens']:,} non-pad "
+                         f"tokens; {prov['val_rows']:,} more {unit} held out for validation",
         "training_time": (measured(train_time, "{:,.1f} s of training") + ", "
                           + measured(wall, "{:,.1f} s wall time (tokenizer, data, evaluation and saving included)",
                                      "wall time not measured (the run did not finish)")),
@@ -382,7 +393,7 @@ def falsify_details(fm):
     rows = [f"| {name}: {v['prediction']} | **{v['status']}** | {v['evidence']} |"
             for name, v in fm["falsify"].items()]
     command = fm["reproduce"]
-    reproduce = ("No single command reproduces this checkpoint: the run was resumed with changed settings."
+    reproduce = (f"No single command reproduces this checkpoint: {no_command_reason(fm['args'])}."
                  if command is None else
                  "To test FALSIFY-ALBOR-003 for this checkpoint, train it again and compare the SHA-256 (the "
                  "same bytes need the same data rows and tokenizer (Data Provenance), the same device kind and "
@@ -400,13 +411,19 @@ def limitations(fm, config):
     items = [f"Trained for {status['step']:,} optimizer steps on {fm['tokens_seen']:,} non-pad tokens: "
              f"{per_parameter:.3g} tokens per parameter (compute-optimal training, after Chinchilla, is "
              "about 20)."]
+    packed = args.get("data_mode") == "packed"
     if per_parameter < 1:
-        items[0] += (f" {status['step']:,} steps on file heads is a pipeline check, not a code model: it "
-                     "shows that data, model, optimizer and checkpoint work end to end, not that the model "
-                     "learned Python.")
-    items.append(f"Each row is the first {args['seq_len']} tokens of one document: {data['cut_train_rows']:,} of "
-                 f"{prov['train_rows']:,} training rows end there with the document going on, so the model saw "
-                 "file heads (licence headers, docstrings, imports), not the code further down.")
+        items[0] += (f" {status['step']:,} steps on {'so few tokens' if packed else 'file heads'} is a pipeline "
+                     "check, not a code model: it shows that data, model, optimizer and checkpoint work end "
+                     "to end, not that the model learned Python.")
+    if packed:
+        items.append(f"The training documents were joined into one token stream and cut into {prov['train_rows']:,} "
+                     f"windows of {args['seq_len']} tokens: the model saw whole files, but never attended across "
+                     "a window's start, so a file's beginning was out of its sight from the next window on.")
+    else:
+        items.append(f"Each row is the first {args['seq_len']} tokens of one document: {data['cut_train_rows']:,} "
+                     f"of {prov['train_rows']:,} training rows end there with the document going on, so the model "
+                     "saw file heads (licence headers, docstrings, imports), not the code further down.")
     if args["seq_len"] < config.max_position_embeddings:
         items.append(f"Context: trained on {args['seq_len']:,} positions; positions {args['seq_len']:,} to "
                      f"{config.max_position_embeddings - 1:,}, which the model accepts, were never trained.")
@@ -420,8 +437,10 @@ def limitations(fm, config):
     else:
         items.append("Parse rate: not measured, so nothing here says the model writes valid Python.")
     if fm["val_loss"] is not None:
-        items.append(f"The validation loss comes from {prov['val_rows']:,} held-out documents' first "
-                     f"{args['seq_len']} tokens of the same corpus: it is not a benchmark.")
+        seen = (f"{args['val_rows']:,} held-out documents of the same corpus, every token ({prov['val_rows']:,} "
+                f"windows)" if packed else
+                f"{prov['val_rows']:,} held-out documents' first {args['seq_len']} tokens of the same corpus")
+        items.append(f"The validation loss comes from {seen}: it is not a benchmark.")
     if status["state"] != "finished":
         items.append(f"The run did not finish (step {status['step']:,} of {status['max_steps']:,}): these figures "
                      "describe an unfinished model.")
@@ -433,11 +452,21 @@ def provenance_details(fm):
     n = args["seq_len"] + 1
     skipped = (f"; {plural(prov['skipped_documents'], 'document')} skipped (unreadable or not UTF-8)"
                if prov.get("skipped_documents") else "")
-    description = (f"Data: {prov['data']}, its documents in sorted order shuffled with seed {args['seed']}; the "
-                   f"first {prov['val_rows']:,} are held out for validation, the next {prov['train_rows']:,} are "
-                   f"the training rows{skipped}. A row is a document's first {n} token ids (`<|endoftext|>` "
-                   "appended, `<|pad|>` after it); its SHA-256 below covers the int32 input ids, then the "
-                   "target ids (-100 where the target is padding), as train.py lays them out.")
+    if args.get("data_mode") == "packed":
+        rows = "all the rest" if args["rows"] is None else f"the next {args['rows']:,} (at most)"
+        description = (f"Data: {prov['data']}, its documents in sorted order shuffled with seed {args['seed']}; the "
+                       f"first {args['val_rows']:,} are held out for validation, {rows} are the training "
+                       f"documents{skipped}. Packed: each set of documents is one token stream, every document "
+                       f"after an `<|endoftext|>`, cut into windows of {n} token ids that overlap by one "
+                       f"({prov['train_rows']:,} training and {prov['val_rows']:,} validation windows, the last "
+                       "padded with `<|pad|>`)")
+    else:
+        description = (f"Data: {prov['data']}, its documents in sorted order shuffled with seed {args['seed']}; the "
+                       f"first {prov['val_rows']:,} are held out for validation, the next {prov['train_rows']:,} are "
+                       f"the training rows{skipped}. A row is a document's first {n} token ids (`<|endoftext|>` "
+                       "appended, `<|pad|>` after it)")
+    description += ("; its SHA-256 below covers the int32 input ids, then the target ids (-100 where the "
+                    "target is padding), as train.py lays them out.")
     if data.get("license"):
         description += f" {data['license']}"
     rows = [("training rows", f"{prov['train_rows']:,} x {args['seq_len']} inputs and targets",

@@ -602,7 +602,8 @@ def target_bytes(tok, targets):
     turn a loss per token into bits per byte (bits_per_byte)."""
     lengths = np.array([len(b) for b in tok.token_bytes], dtype=np.int64)    # (V,)
     lengths[[EOT_ID, PAD_ID]] = 0
-    counted = albor.to_numpy(targets)[albor.to_numpy(targets) != albor.IGNORE_INDEX]
+    targets = albor.to_numpy(targets)
+    counted = targets[targets != albor.IGNORE_INDEX]
     return int(lengths[counted].sum())
 
 
@@ -1166,22 +1167,26 @@ def card_facts(run, step, folder):
         "device": model_card.machine(run.workers.workers), "precision": run.args["dtype"],
         "software": model_card.software(), "resumes": run.resumes, "reproduce": run.reproduce,
         "falsify": model_card.falsify(run.loss_curve[:step], records, run.args["grad_clip"], sha256,
-                                      run.reproduce),
+                                      run.reproduce, model_card.no_command_reason(run.args)),
     }
 
 
 def data_facts(run):
-    """The data's name (for the card's metadata), its tokens counted in the rows, and how many
-    training rows are cut (no <|endoftext|> in them: the document goes on past the row)."""
+    """The data's name (for the card's metadata), its tokens counted in the rows, and in rows mode
+    how many training rows are cut (no <|endoftext|> in them: the document goes on past the row;
+    None for packed windows)."""
     stdlib = run.args["data"] is None
     name = f"python-{sys.version.split()[0]}-stdlib" if stdlib else Path(run.args["data"]).stem
-    full_rows = np.concatenate([run.train_inputs, run.train_targets[:, -1:]], axis=1) == EOT_ID
+    cut_rows = None   # rows mode: rows without <|endoftext|> (packed windows are cut by design)
+    if run.args["data_mode"] == "rows":
+        full_rows = np.concatenate([run.train_inputs, run.train_targets[:, -1:]], axis=1) == EOT_ID
+        cut_rows = int((~full_rows.any(axis=1)).sum())
     return {"name": name, "tags": ["code", "python"] if stdlib else [],
             "license": "The Python standard library is distributed under the PSF License Agreement." if stdlib
             else None,
             "train_tokens": int((run.train_targets != albor.IGNORE_INDEX).sum()),
             "val_tokens": int((run.val_targets != albor.IGNORE_INDEX).sum()),
-            "cut_train_rows": int((~full_rows.any(axis=1)).sum())}
+            "cut_train_rows": cut_rows}
 
 
 # The flags a command that trains these weights again must repeat: all but where the run is
@@ -1192,8 +1197,11 @@ NOT_REPEATED = ("out", "resume", "save_every", "eval_samples", "eval_only", "ove
 def reproduce_command(args):
     """The `python train.py ...` command line that trains this run's weights from scratch: the
     model and the rows, and every other setting that differs from DEFAULTS (with --init, the
-    model's shape comes from there). Example: the defaults with --lr 0.001 ->
+    model's shape comes from there); None for a --minutes run, whose step count and schedule
+    follow the machine's pace. Example: the defaults with --lr 0.001 ->
     "python train.py --config albor-base-50m --rows 500 --lr 0.001"."""
+    if args["minutes"]:
+        return None
     flags = []
     for name, default in DEFAULTS.items():
         if name in NOT_REPEATED or (name == "config" and args["init"]):

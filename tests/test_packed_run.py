@@ -256,6 +256,23 @@ def test_the_deadline_ends_the_run_cleanly_and_saves(packed, tmp_path, monkeypat
     summary = read_json(tmp_path / "r", "final_model.json")
     assert summary["finished"] and summary["steps"] == 1 and summary["val_loss"] is not None
     assert [line["step"] for line in metrics(tmp_path / "r")] == [1]
+    # no command repeats a run fitted to the machine's pace: the card says so, and why
+    assert summary["reproduce"] is None
+    assert "fitted to a time budget (--minutes)" in summary["falsify"]["FALSIFY-ALBOR-003"]["evidence"]
+    assert "No single command reproduces this checkpoint: its steps and schedule were fitted to a time budget" \
+        in (tmp_path / "r" / "README.md").read_text(encoding="utf-8")
+
+
+def test_a_packed_runs_card_describes_windows_not_file_heads(packed, tmp_path):
+    run(packed + ["--max-steps", "2", "--out", tmp_path / "r"])
+    card = (tmp_path / "r" / "README.md").read_text(encoding="utf-8")
+    summary = read_json(tmp_path / "r", "final_model.json")
+    windows = summary["provenance"]["train_rows"]
+    assert f"cut into {windows:,} windows of 32 tokens: the model saw whole files" in card
+    assert "Packed: each set of documents is one token stream" in card
+    assert "the first 6 are held out for validation, all the rest are the training documents" in card
+    assert "file heads" not in card and "first 32 tokens" not in card
+    assert summary["data"]["cut_train_rows"] is None
 
 
 def test_the_steps_left_are_fitted_again_to_the_pace_measured(packed, tmp_path, monkeypatch):
