@@ -6,7 +6,7 @@
     python bench.py --attention --batch-sizes 4 8 --seq-lens 512 1024
     python bench.py --train-steps 31                  # the training of `train.py --rows 500`
     python bench.py --tokenizer                       # tokenizer.py beside Hugging Face tokenizers
-    python bench.py --config workshop                 # the workshop preset's step (16 x 256 tokens)
+    python bench.py --config workshop                 # the workshop preset's step (4 x 256 tokens)
     python bench.py --learning checkpoints/workshop   # bits per byte on held-out Python, beside gzip/xz
     python bench.py --ranks 2                         # train.py over 2 MPI ranks vs one process
 
@@ -902,7 +902,7 @@ def print_step_table(albor_times, torch_times, tokens, floor_seconds, grad_accum
 
 def preset_step(config_name):
     """The micro-batch and accumulation train.py uses for a preset: its DEFAULTS, or the preset's
-    own training settings (train.PRESET_SETTINGS), e.g. workshop's 16 x 256 tokens."""
+    own training settings (train.PRESET_SETTINGS), e.g. workshop's 4 x 256 tokens, no accumulation."""
     import train   # here, not at the top: train.py's settings, not its run
     settings = {**train.DEFAULTS, **train.PRESET_SETTINGS.get(config_name, {})}
     return {name: settings[name] for name in ("batch_size", "seq_len", "grad_accum")}

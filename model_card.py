@@ -339,10 +339,18 @@ def training_details(fm):
     }
 
 
+def non_trivial(parse):
+    """How sample.parse_rate counted a parse, e.g. " with at least 3 lines of code (6 parse at all)"
+    (empty for a summary written before it counted only non-trivial completions)."""
+    if "min_code_lines" not in parse:
+        return ""
+    return f" with at least {parse['min_code_lines']} lines of code ({parse['parsed_any']} parse at all)"
+
+
 def parse_rate_text(parse):
     if not parse or not parse["samples"]:
         return "not measured"
-    return (f"{parse['parsed']} of {parse['samples']} sampled completions parse as Python "
+    return (f"{parse['parsed']} of {parse['samples']} sampled completions parse as Python{non_trivial(parse)} "
             f"({parse['parse_rate']:.0%}; up to {parse['max_new_tokens']} new tokens, temperature "
             f"{parse['temperature']:g}, top-p {parse['top_p']:g})")
 
@@ -432,7 +440,8 @@ def limitations(fm, config):
         verdict_ = "it does not write valid Python" if parse["parsed"] == 0 else "valid Python is the exception"
         if parse["parsed"] > parse["samples"] // 2:
             verdict_ = "a parse is not correctness: the completions are unchecked beyond the syntax"
-        items.append(f"Parse rate: {parse['parsed']} of {parse['samples']} sampled completions parse: {verdict_}. "
+        items.append(f"Parse rate: {parse['parsed']} of {parse['samples']} sampled completions parse"
+                     f"{non_trivial(parse)}: {verdict_}. "
                      f"{parse['samples']} samples measure it only roughly.")
     else:
         items.append("Parse rate: not measured, so nothing here says the model writes valid Python.")

@@ -134,7 +134,9 @@ def test_training_details_are_the_logged_figures(trained):
     assert table_row(card, "learning rate") == \
         f"peak 0.003, linear warmup over {warmup}, then cosine decay to 0.0003 at step 12"
     parse = final_model["parse_eval"]
-    assert table_row(card, "parse rate").startswith(f"{parse['parsed']} of 2 sampled completions parse")
+    assert table_row(card, "parse rate").startswith(f"{parse['parsed']} of 2 sampled completions parse as "
+                                                    f"Python with at least 3 lines of code "
+                                                    f"({parse['parsed_any']} parse at all)")
     timing = final_model["timing"]
     throughput = positions / timing["train_seconds"]
     assert table_row(card, "throughput") == f"{throughput:,.0f} token positions a second of training"
